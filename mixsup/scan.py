@@ -1,0 +1,147 @@
+"""A CT scan as voxels + affine, its reading and writing, and the canonical axial order models see.
+
+Voxel arrays are kept exactly as stored in the file (NIfTI index order ``[i, j, k]``) together with the
+voxel-to-world affine (RAS+ millimetres, as nibabel reports it). Models never see that order: they see the
+*canonical* array ``[D, H, W]`` in which
+
+* ``D`` runs inferior -> superior (axial slices),
+* ``H`` runs anterior -> posterior (image rows, top of a radiological display is anterior),
+* ``W`` runs patient right -> patient left (image columns, radiological convention).
+
+:meth:`Scan.canonical` brings any orthogonal orientation into that order and :meth:`Scan.from_canonical` maps
+an array on the canonical grid back to the file's exact voxel order, so a label map lands on the input grid.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+from mixsup.errors import InputError
+
+#: Axis codes of the canonical array *before* the final transpose: i -> Left, j -> Posterior, k -> Superior.
+CANONICAL_AXCODES = ("L", "P", "S")
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass
+class Scan:
+    """Voxels as stored (``[i, j, k]``), their voxel-to-RAS affine and, for DICOM, where they came from."""
+
+    voxels: np.ndarray
+    affine: np.ndarray
+    source: str = ""
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the stored axes ``i, j, k``."""
+        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+    def _to_canonical_ornt(self) -> np.ndarray:
+        return orientations.ornt_transform(
+            orientations.io_orientation(self.affine), orientations.axcodes2ornt(CANONICAL_AXCODES)
+        )
+
+    def canonical(self) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """The voxels in canonical ``[D, H, W]`` order and their spacing ``(sD, sH, sW)`` in mm."""
+        ornt = self._to_canonical_ornt()
+        lps = orientations.apply_orientation(self.voxels, ornt)
+        spacing_lps = [0.0, 0.0, 0.0]
+        for src_axis, (dst_axis, _flip) in enumerate(ornt):
+            spacing_lps[int(dst_axis)] = self.spacing[src_axis]
+        return np.ascontiguousarray(lps.transpose(2, 1, 0)), (spacing_lps[2], spacing_lps[1], spacing_lps[0])
+
+    def from_canonical(self, array: np.ndarray) -> np.ndarray:
+        """Map an array on the canonical ``[D, H, W]`` grid (extra leading axes allowed) back to stored order."""
+        lead = array.ndim - 3
+        lps = np.moveaxis(array, (lead, lead + 1, lead + 2), (lead + 2, lead + 1, lead))
+        back = orientations.ornt_transform(
+            orientations.axcodes2ornt(CANONICAL_AXCODES), orientations.io_orientation(self.affine)
+        )
+        if lead:
+            lps = np.moveaxis(lps, range(lead), range(3, 3 + lead))
+        out = orientations.apply_orientation(lps, back)
+        if lead:
+            out = np.moveaxis(out, range(3, 3 + lead), range(lead))
+        if out.shape[lead:] != self.voxels.shape[:3]:
+            raise ValueError(f"array of shape {array.shape} does not fit a scan of shape {self.voxels.shape}")
+        return np.ascontiguousarray(out)
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_nifti(path: str | os.PathLike) -> Scan:
+    """Read a 3D NIfTI file keeping its affine (the sform/qform nibabel picks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        image = nib.load(str(path))
+        voxels = np.asanyarray(image.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    # Only trailing singleton axes (e.g. a [X, Y, Z, 1] file) are dropped; a real 4th dimension is bad input below.
+    singleton = tuple(axis for axis in range(3, voxels.ndim) if voxels.shape[axis] == 1)
+    voxels = np.squeeze(voxels, axis=singleton) if singleton else voxels
+    if voxels.ndim != 3:
+        raise InputError(f"{path}: expected a 3D volume, got shape {tuple(image.shape)}")
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(f"{path}: the NIfTI header has no usable affine")
+    return Scan(voxels=voxels, affine=affine, source=str(path))
+
+
+def read_scan(path: str | os.PathLike) -> Scan:
+    """Read a NIfTI file or a folder holding one DICOM series."""
+    path = Path(path)
+    if path.is_dir():
+        from mixsup.dicom import read_dicom_series
+
+        return read_dicom_series(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if not is_nifti(path):
+        raise InputError(f"{path}: expected a .nii / .nii.gz file or a DICOM series folder")
+    return read_nifti(path)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Read once at import: os.umask can only be read by setting it, which would race with writer threads.
+_UMASK = _read_umask()
+
+
+def write_nifti(path: str | os.PathLike, voxels: np.ndarray, affine: np.ndarray) -> Path:
+    """Write ``voxels`` with ``affine`` atomically: the file appears complete or not at all."""
+    path = Path(path)
+    if not is_nifti(path):
+        raise InputError(f"{path}: output must end in .nii or .nii.gz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
+    image = nib.Nifti1Image(voxels, affine)
+    image.header.set_data_dtype(voxels.dtype)
+    # The xform code says "scanner" so viewers place the labels exactly where the scan is.
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
