@@ -1,0 +1,244 @@
+"""A training dataset folder: LiTS file naming plus a manifest saying how each case is supervised.
+
+Layout (``N`` is an integer; real LiTS downloads use ``.nii``, phantoms ``.nii.gz``; numbers may have gaps)::
+
+    volume-N.nii[.gz]          the CT
+    segmentation-N.nii[.gz]    its mask (0 background, 1 liver, 2 lesion)
+    boxes/boxes-N.json         optional per-slice boxes on the canonical grid (see boxes.py)
+    manifest.json              optional; without it every case with a segmentation is strong, the rest unlabeled
+
+``manifest.json``::
+
+    {"format": "mixsup-manifest", "version": 1,
+     "cases": [{"case": "N", "volume": "volume-N.nii.gz", "segmentation": "segmentation-N.nii.gz" | null,
+                "boxes": "boxes/boxes-N.json" | null, "supervision": "strong" | "weak" | "unlabeled"}]}
+
+A strong case has a segmentation; a weak case has boxes and no segmentation (its mask, if any, stays hidden); an
+unlabeled case has neither.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mixsup.errors import InputError
+from mixsup.scan import Scan, read_nifti
+from mixsup.training.data.boxes import Box, boxes_from_labels, load_boxes
+
+MANIFEST_FILENAME = "manifest.json"
+MANIFEST_FORMAT = "mixsup-manifest"
+MANIFEST_VERSION = 1
+STRONG, WEAK, UNLABELED = "strong", "weak", "unlabeled"
+SUPERVISIONS = (STRONG, WEAK, UNLABELED)
+LABEL_VALUES = (0, 1, 2)
+AFFINE_TOLERANCE_MM = 1e-3
+
+_LITS_NAME = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
+
+
+@dataclass
+class Case:
+    """One case; file paths are relative to the dataset root (``root``, set when loaded)."""
+
+    case: str
+    volume: str
+    segmentation: str | None = None
+    boxes: str | None = None
+    supervision: str = STRONG
+    root: Path | None = field(default=None, compare=False, repr=False)
+
+    def to_json(self) -> dict:
+        return {"case": self.case, "volume": self.volume, "segmentation": self.segmentation,
+                "boxes": self.boxes, "supervision": self.supervision}
+
+    def path(self, relative: str) -> Path:
+        return (self.root or Path(".")) / relative
+
+
+@dataclass
+class Manifest:
+    """The cases of a dataset folder and where it is."""
+
+    cases: list[Case]
+    root: Path
+
+    def strong(self) -> list[Case]:
+        return [c for c in self.cases if c.supervision == STRONG]
+
+    def weak(self) -> list[Case]:
+        return [c for c in self.cases if c.supervision == WEAK]
+
+    def unlabeled(self) -> list[Case]:
+        return [c for c in self.cases if c.supervision == UNLABELED]
+
+    def to_json(self) -> dict:
+        return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "cases": [c.to_json() for c in self.cases]}
+
+    def sha256(self) -> str:
+        """Hash of the canonical JSON (sorted keys, no whitespace): checkpoints record which split they saw."""
+        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_dataset(root: str | os.PathLike) -> Manifest:
+    """The dataset at ``root``: its ``manifest.json`` validated, or one built from LiTS file names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such dataset folder")
+    manifest_path = root / MANIFEST_FILENAME
+    if manifest_path.is_file():
+        manifest = _read_manifest(manifest_path)
+    else:
+        manifest = manifest_from_lits_names(root)
+    for case in manifest.cases:
+        case.root = root
+    validate_manifest(manifest)
+    return manifest
+
+
+def _read_manifest(path: Path) -> Manifest:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable manifest ({exc})") from None
+    if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
+        raise InputError(f"{path}: not a mixsup manifest (expected \"format\": \"{MANIFEST_FORMAT}\")")
+    if document.get("version") != MANIFEST_VERSION:
+        raise InputError(f"{path}: unsupported manifest version {document.get('version')!r} (expected {MANIFEST_VERSION})")
+    entries = document.get("cases")
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: \"cases\" must be a list")
+    cases = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("case"), str) or not isinstance(entry.get("volume"), str):
+            raise InputError(f"{path}: every case needs string \"case\" and \"volume\" entries, got {entry!r}")
+        optional = {key: entry.get(key) for key in ("segmentation", "boxes")}
+        for key, value in optional.items():
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"{path}: case {entry['case']}: \"{key}\" must be a path or null")
+        cases.append(Case(entry["case"], entry["volume"], optional["segmentation"], optional["boxes"],
+                          entry.get("supervision", STRONG)))
+    return Manifest(cases=cases, root=path.parent)
+
+
+def manifest_from_lits_names(root: str | os.PathLike) -> Manifest:
+    """Cases from ``volume-N`` / ``segmentation-N`` files as LiTS ships them, sorted by N.
+
+    With a segmentation a case is strong; without one but with ``boxes/boxes-N.json`` weak; otherwise unlabeled.
+    """
+    root = Path(root)
+    found: dict[str, dict[int, str]] = {"volume": {}, "segmentation": {}}
+    for entry in sorted(os.listdir(root)):
+        match = _LITS_NAME.match(entry)
+        if not match:
+            continue
+        kind, number = match.group(1), int(match.group(2))
+        if number in found[kind]:
+            raise InputError(f"{root}: both {found[kind][number]} and {entry} exist; keep one")
+        found[kind][number] = entry
+    orphans = sorted(set(found["segmentation"]) - set(found["volume"]))
+    if orphans:
+        raise InputError(f"{root}: {found['segmentation'][orphans[0]]} has no matching volume-{orphans[0]}.nii[.gz]")
+    if not found["volume"]:
+        raise InputError(f"{root}: no {MANIFEST_FILENAME} and no volume-N.nii[.gz] files")
+    cases = []
+    for number in sorted(found["volume"]):
+        segmentation = found["segmentation"].get(number)
+        boxes = f"boxes/boxes-{number}.json"
+        boxes = boxes if (root / boxes).is_file() else None
+        supervision = STRONG if segmentation else (WEAK if boxes else UNLABELED)
+        cases.append(Case(str(number), found["volume"][number], segmentation, boxes, supervision))
+    return Manifest(cases=cases, root=root)
+
+
+def validate_manifest(manifest: Manifest) -> None:
+    """Check the supervision rules and that every referenced file exists; InputError names the case."""
+    seen = set()
+    for case in manifest.cases:
+        where = f"{manifest.root / MANIFEST_FILENAME}: case {case.case}"
+        if case.case in seen:
+            raise InputError(f"{where}: listed twice")
+        seen.add(case.case)
+        if case.supervision not in SUPERVISIONS:
+            raise InputError(f"{where}: supervision {case.supervision!r} is not one of {', '.join(SUPERVISIONS)}")
+        if case.supervision == STRONG and not case.segmentation:
+            raise InputError(f"{where}: strong supervision needs a segmentation")
+        if case.supervision == WEAK and (case.segmentation or not case.boxes):
+            raise InputError(f"{where}: weak supervision needs boxes and no segmentation")
+        if case.supervision == UNLABELED and (case.segmentation or case.boxes):
+            raise InputError(f"{where}: an unlabeled case has neither segmentation nor boxes")
+        for relative in (case.volume, case.segmentation, case.boxes):
+            if relative is not None and not (manifest.root / relative).is_file():
+                raise InputError(f"{where}: missing file {manifest.root / relative}")
+
+
+def write_manifest(manifest: Manifest) -> Path:
+    """Write ``manifest.json`` into the manifest's root atomically."""
+    path = Path(manifest.root) / MANIFEST_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(manifest.to_json(), handle, indent=1)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# -------------------------------------------------------------------------------------------- case data
+def canonical_hu(scan: Scan) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A CT on the canonical grid as int16 HU (scaled/float files are rounded and clipped)."""
+    voxels, spacing = scan.canonical()
+    if voxels.dtype != np.int16:
+        voxels = np.clip(np.rint(voxels), -32768, 32767).astype(np.int16)
+    return voxels, spacing
+
+
+def load_case(case: Case, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
+    """The case's canonical volume (int16 HU), labels (uint8, or None without a segmentation) and spacing.
+
+    The segmentation must lie on the volume's exact grid (shape, and affine within 1e-3 mm).
+    """
+    base = Path(root) if root is not None else (case.root or Path("."))
+    volume_scan = read_nifti(base / case.volume)
+    volume, spacing = canonical_hu(volume_scan)
+    if not case.segmentation:
+        return volume, None, spacing
+    mask_scan = read_nifti(base / case.segmentation)
+    if mask_scan.voxels.shape != volume_scan.voxels.shape:
+        raise InputError(f"case {case.case}: segmentation shape {mask_scan.voxels.shape} differs from the volume's "
+                         f"{volume_scan.voxels.shape}")
+    if not np.allclose(mask_scan.affine, volume_scan.affine, atol=AFFINE_TOLERANCE_MM):
+        raise InputError(f"case {case.case}: segmentation affine differs from the volume's")
+    labels, _ = mask_scan.canonical()
+    labels = np.rint(labels) if labels.dtype.kind == "f" else labels
+    unexpected = np.setdiff1d(np.unique(labels), LABEL_VALUES)
+    if unexpected.size:
+        raise InputError(f"case {case.case}: segmentation has values {unexpected.tolist()} (expected 0, 1, 2)")
+    return volume, labels.astype(np.uint8), spacing
+
+
+def case_boxes(case: Case, labels: np.ndarray | None = None, shape: tuple[int, int, int] | None = None) -> list[Box] | None:
+    """The case's boxes: from its boxes file, else derived from its mask (``labels``), else None.
+
+    ``shape`` (the canonical volume shape), when given, must match the boxes file's.
+    """
+    if case.boxes:
+        boxes, boxes_shape = load_boxes(case.path(case.boxes))
+        if shape is not None and tuple(boxes_shape) != tuple(shape):
+            raise InputError(f"case {case.case}: boxes file is for shape {list(boxes_shape)}, the volume is {list(shape)}")
+        return boxes
+    if labels is not None:
+        return boxes_from_labels(labels)
+    return None
