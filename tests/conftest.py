@@ -1,0 +1,27 @@
+"""Fixtures shared across test files: tiny phantoms and a tiny trained checkpoint (made once per session)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/triton_utils.py
+
+
+@pytest.fixture(scope="session")
+def tiny_phantoms(tmp_path_factory) -> Path:
+    from mixsup.training.data.cli import main as data_main
+
+    root = tmp_path_factory.mktemp("phantoms")
+    assert data_main(["phantoms", str(root), "--n", "3", "--seed", "4", "--shape", "8", "64", "64"]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_phantoms, tmp_path_factory) -> Path:
+    from mixsup.training.cli import main as train_main
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    assert train_main(["unet", "--data", str(tiny_phantoms), "--out", str(out), "--preset", "tiny", "--no-progress"]) == 0
+    return out / "best.pt"
