@@ -1,0 +1,120 @@
+"""The client's pre- and post-processing around the server call: scan grid <-> model grid. No network here.
+
+The server's ``segment`` model takes the canonical ``[D, H, W]`` volume in raw HU at the contract's in-plane
+spacing (INT16 to halve the bytes on the wire). :func:`prepare_volume` builds it from a :class:`Scan` and a
+:class:`Restore` that remembers the way back; :func:`restore_labels` / :func:`restore_probabilities` bring the
+server's answer back onto the scan's stored grid, so a label map has exactly the input's shape and affine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mixsup.contract import ModelContract
+from mixsup.errors import InputError, MixsupError
+from mixsup.resample import inplane_shape, resample_inplane
+from mixsup.scan import Scan
+
+#: Resample only when the scan's in-plane spacing differs from the model's by more than this fraction: below it
+#: the interpolation blur costs more than the tiny scale mismatch (0.78 vs 0.79 mm is the same anatomy).
+SPACING_TOLERANCE = 0.01
+
+_INT16 = np.iinfo(np.int16)
+
+
+@dataclass(frozen=True, eq=False)
+class Restore:
+    """What is needed to map an array on the model grid back to the scan's stored grid."""
+
+    affine: np.ndarray
+    stored_shape: tuple[int, int, int]
+    canonical_shape: tuple[int, int, int]
+    model_shape: tuple[int, int, int]
+
+    @property
+    def resampled(self) -> bool:
+        return self.canonical_shape != self.model_shape
+
+    def to_stored(self, canonical: np.ndarray) -> np.ndarray:
+        """Reorder an array on the canonical grid (leading axes allowed) to the stored voxel order."""
+        # Scan.from_canonical reads only the affine and the shape, so a zero-stride stand-in avoids holding the
+        # scan's voxels here.
+        grid = Scan(voxels=np.broadcast_to(np.uint8(0), self.stored_shape), affine=self.affine)
+        return grid.from_canonical(canonical)
+
+
+def needs_resampling(spacing_hw: tuple[float, float], target_spacing_hw: tuple[float, float]) -> bool:
+    """Whether in-plane ``spacing_hw`` differs from ``target_spacing_hw`` by more than :data:`SPACING_TOLERANCE`."""
+    return any(abs(s - t) > SPACING_TOLERANCE * t for s, t in zip(spacing_hw, target_spacing_hw))
+
+
+def to_int16_hu(volume: np.ndarray) -> np.ndarray:
+    """Round and clip HU values to int16 (the ``volume`` input's type); non-finite values are bad input."""
+    if volume.dtype == np.int16:
+        return np.ascontiguousarray(volume)
+    if np.issubdtype(volume.dtype, np.floating):
+        if not np.all(np.isfinite(volume)):
+            raise InputError("the scan contains NaN or infinite voxel values")
+        volume = np.rint(volume)
+    elif not np.issubdtype(volume.dtype, np.integer) and volume.dtype != bool:
+        raise InputError(f"the scan's voxels have type {volume.dtype}, expected numbers (HU)")
+    return np.ascontiguousarray(np.clip(volume, _INT16.min, _INT16.max).astype(np.int16))
+
+
+def prepare_volume(scan: Scan, contract: ModelContract) -> tuple[np.ndarray, Restore]:
+    """The ``segment`` model's input for ``scan``: canonical ``[D, H, W]`` int16 HU at the contract's spacing."""
+    canonical, spacing = scan.canonical()
+    canonical_shape = tuple(int(n) for n in canonical.shape)
+    model_hw = canonical_shape[1:]
+    if needs_resampling(spacing[1:], contract.spacing_mm):
+        model_hw = inplane_shape(canonical_shape[1:], spacing[1:], contract.spacing_mm)
+        # Linear interpolation of HU in float32: the int16 rounding happens once, after resampling.
+        canonical = resample_inplane(canonical.astype(np.float32, copy=False), model_hw, order=1)
+    restore = Restore(
+        affine=np.array(scan.affine, dtype=np.float64),
+        stored_shape=tuple(int(n) for n in scan.voxels.shape[:3]),
+        canonical_shape=canonical_shape,
+        model_shape=(canonical_shape[0],) + tuple(model_hw),
+    )
+    return to_int16_hu(canonical), restore
+
+
+def _check_model_grid(array: np.ndarray, restore: Restore, what: str) -> None:
+    if tuple(array.shape[-3:]) != restore.model_shape:
+        # The server answered for a different grid than it was sent: a server bug, not the user's input.
+        raise MixsupError(f"the server returned {what} of shape {array.shape}, expected [...] + {restore.model_shape}")
+
+
+def restore_labels(labels_model_grid: np.ndarray, restore: Restore, num_classes: int) -> np.ndarray:
+    """Labels ``[D, h, w]`` on the model grid -> ``uint8`` labels on the scan's stored grid.
+
+    When the volume was resampled, each class's one-hot mask is interpolated linearly and the argmax taken: the
+    boundaries come out smoother than with nearest-neighbour and no class is favoured. This runs slice by slice,
+    so the memory stays at one slice's ``num_classes`` maps.
+    """
+    labels_model_grid = np.asarray(labels_model_grid)
+    _check_model_grid(labels_model_grid, restore, "labels")
+    if not restore.resampled:
+        return restore.to_stored(labels_model_grid.astype(np.uint8, copy=False))
+    classes = np.arange(num_classes, dtype=labels_model_grid.dtype).reshape(-1, 1, 1)
+    canonical = np.empty(restore.canonical_shape, dtype=np.uint8)
+    for index, slice_labels in enumerate(labels_model_grid):
+        one_hot = (slice_labels[None] == classes).astype(np.float32)
+        smooth = resample_inplane(one_hot, restore.canonical_shape[1:], order=1)
+        canonical[index] = np.argmax(smooth, axis=0)
+    return restore.to_stored(canonical)
+
+
+def restore_probabilities(probabilities_model_grid: np.ndarray, restore: Restore) -> np.ndarray:
+    """Probabilities ``[C, D, h, w]`` on the model grid -> float32 ``[C, i, j, k]`` on the stored grid."""
+    probabilities = np.asarray(probabilities_model_grid)
+    _check_model_grid(probabilities, restore, "probabilities")
+    if probabilities.ndim != 4:
+        raise MixsupError(f"the server returned probabilities of shape {probabilities.shape}, expected [C, D, H, W]")
+    canonical = np.empty((probabilities.shape[0],) + restore.canonical_shape, dtype=np.float32)
+    for index in range(restore.canonical_shape[0]):
+        canonical[:, index] = resample_inplane(
+            probabilities[:, index].astype(np.float32), restore.canonical_shape[1:], order=1
+        )
+    return restore.to_stored(canonical)
