@@ -1,0 +1,226 @@
+"""Sliding-window inference for 2.5D networks, in plain numpy.
+
+A volume [D,H,W] becomes one stack of ``context_slices`` neighbouring slices per axial slice (edge slices
+replicated); every stack is cut into overlapping in-plane tiles of the network's ``roi_size``; the network's
+per-tile probabilities are blended back with a Gaussian importance map so that tile borders, where a network
+sees the least context, count the least.
+
+Producing tiles (:func:`iter_tile_batches`) and accumulating predictions (:class:`TileAccumulator`) are kept
+apart, as in nnU-Net, so a server can tile the next batch while the previous one is being inferred.
+:func:`sliding_window_predict` composes the two for in-process use.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from mixsup.errors import InputError
+
+#: Air in Hounsfield units: what the scanner would have seen outside the reconstructed field of view.
+AIR_HU = -1024.0
+
+Position = tuple[int, int, int]
+
+
+def slice_stack_indices(depth: int, context_slices: int = 3) -> np.ndarray:
+    """Slice indices [depth, context_slices] of each slice's stack: d-k..d+k, clipped so edges replicate."""
+    if depth < 1:
+        raise InputError(f"a volume needs at least one slice, got depth {depth}")
+    if context_slices < 1 or context_slices % 2 != 1:
+        raise ValueError(f"context_slices must be a positive odd number, got {context_slices}")
+    half = context_slices // 2
+    offsets = np.arange(-half, half + 1)
+    return np.clip(np.arange(depth)[:, None] + offsets[None, :], 0, depth - 1)
+
+
+def slice_stacks(volume: np.ndarray, context_slices: int = 3) -> np.ndarray:
+    """The 2.5D network input of every slice: [D,H,W] -> [D, context_slices, H, W] (edge slices replicated)."""
+    volume = _check_volume(volume)
+    return volume[slice_stack_indices(volume.shape[0], context_slices)]
+
+
+def tile_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of length ``roi`` covering [0, size) with the given fractional ``overlap``.
+
+    The step is ``roi * (1 - overlap)`` (at least 1) and the last tile ends exactly at ``size``, so no tile
+    hangs over the edge. A ``size`` smaller than ``roi`` gives ``[0]``: the caller pads the volume to ``roi``.
+    """
+    if roi < 1:
+        raise ValueError(f"roi must be positive, got {roi}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if size <= roi:
+        return [0]
+    step = max(1, int(roi * (1.0 - overlap)))
+    return list(range(0, size - roi, step)) + [size - roi]
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_gaussian(roi_size: tuple[int, int], sigma_scale: float) -> np.ndarray:
+    axes = []
+    for length in roi_size:
+        sigma = sigma_scale * length
+        distance = np.arange(length, dtype=np.float64) - (length - 1) / 2.0
+        axes.append(np.exp(-0.5 * (distance / sigma) ** 2))
+    importance = np.outer(axes[0], axes[1])
+    importance /= importance.max()
+    importance = importance.astype(np.float32)
+    # A zero weight would leave a voxel covered by a single tile undefined after normalisation.
+    nonzero = importance[importance > 0]
+    importance[importance == 0] = nonzero.min()
+    importance.setflags(write=False)
+    return importance
+
+
+def gaussian_importance_map(roi_size: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Read-only float32 [h,w] Gaussian centred on the tile, max 1, sigma = ``sigma_scale`` * tile size.
+
+    Zeros (underflow for tiny ``sigma_scale``) are replaced by the smallest non-zero value. Cached.
+    """
+    if sigma_scale <= 0:
+        raise ValueError(f"sigma_scale must be positive, got {sigma_scale}")
+    return _cached_gaussian(_roi_tuple(roi_size), float(sigma_scale))
+
+
+class TileBatch(NamedTuple):
+    """Up to ``batch_size`` tiles for the network and where each one came from."""
+
+    #: float32 [N, context_slices, h, w], raw HU.
+    tiles: np.ndarray
+    #: (slice, row, column) of each tile's top-left corner in the padded volume.
+    positions: list[Position]
+
+
+def tile_positions(volume_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> list[Position]:
+    """Every tile's (slice, row, column) for a [D,H,W] volume; all slices share one in-plane layout."""
+    depth, height, width = volume_shape
+    roi_h, roi_w = _roi_tuple(roi_size)
+    rows = tile_starts(height, roi_h, overlap)
+    columns = tile_starts(width, roi_w, overlap)
+    return [(d, y, x) for d in range(depth) for y in rows for x in columns]
+
+
+def pad_inplane(volume: np.ndarray, roi_size: Sequence[int], pad_value: float = AIR_HU) -> np.ndarray:
+    """Pad a [D,H,W] volume at the bottom/right to at least ``roi_size`` in-plane (no copy if large enough)."""
+    roi_h, roi_w = _roi_tuple(roi_size)
+    pad_h = max(0, roi_h - volume.shape[1])
+    pad_w = max(0, roi_w - volume.shape[2])
+    if pad_h == 0 and pad_w == 0:
+        return volume
+    return np.pad(volume, ((0, 0), (0, pad_h), (0, pad_w)), mode="constant", constant_values=pad_value)
+
+
+def iter_tile_batches(
+    volume: np.ndarray,
+    roi_size: Sequence[int],
+    overlap: float,
+    batch_size: int,
+    context_slices: int = 3,
+    pad_value: float = AIR_HU,
+) -> Iterator[TileBatch]:
+    """Cut a [D,H,W] volume into batches of 2.5D tiles for the network.
+
+    Tiles are built batch by batch, so the float32 copy never exceeds one batch; a batch may hold tiles of
+    several slices.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    volume = _check_volume(volume)
+    roi_h, roi_w = _roi_tuple(roi_size)
+    padded = pad_inplane(volume, (roi_h, roi_w), pad_value)
+    stack_indices = slice_stack_indices(volume.shape[0], context_slices)
+    positions = tile_positions(padded.shape, (roi_h, roi_w), overlap)
+    for first in range(0, len(positions), batch_size):
+        batch_positions = positions[first:first + batch_size]
+        tiles = np.empty((len(batch_positions), context_slices, roi_h, roi_w), dtype=np.float32)
+        for tile, (d, y, x) in zip(tiles, batch_positions):
+            tile[...] = padded[stack_indices[d], y:y + roi_h, x:x + roi_w]
+        yield TileBatch(tiles, batch_positions)
+
+
+class TileAccumulator:
+    """Gaussian-weighted sum of tile predictions over a volume, normalised on :meth:`result`.
+
+    Every slice has the same tile layout, so the normalising weight is one [H,W] map computed up front.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        volume_shape: Sequence[int],
+        roi_size: Sequence[int],
+        overlap: float,
+        sigma_scale: float = 0.125,
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        depth, height, width = (int(n) for n in volume_shape)
+        self.num_classes = num_classes
+        self.volume_shape = (depth, height, width)
+        self.roi_size = _roi_tuple(roi_size)
+        roi_h, roi_w = self.roi_size
+        padded_h, padded_w = max(height, roi_h), max(width, roi_w)
+        self.importance = gaussian_importance_map(self.roi_size, sigma_scale)
+        self.weight_map = np.zeros((padded_h, padded_w), dtype=np.float32)
+        for y in tile_starts(padded_h, roi_h, overlap):
+            for x in tile_starts(padded_w, roi_w, overlap):
+                self.weight_map[y:y + roi_h, x:x + roi_w] += self.importance
+        self._sum = np.zeros((num_classes, depth, padded_h, padded_w), dtype=np.float32)
+
+    def add(self, probs: np.ndarray, positions: Sequence[Position]) -> None:
+        """Add network outputs [N,C,h,w] for the tiles at ``positions`` (as yielded by iter_tile_batches)."""
+        expected = (len(positions), self.num_classes, *self.roi_size)
+        if probs.shape != expected:
+            raise ValueError(f"tile predictions have shape {probs.shape}, expected {expected}")
+        roi_h, roi_w = self.roi_size
+        weighted = probs * self.importance
+        for tile, (d, y, x) in zip(weighted, positions):
+            self._sum[:, d, y:y + roi_h, x:x + roi_w] += tile
+
+    def result(self) -> np.ndarray:
+        """Blended probabilities float16 [C,D,H,W], cropped to the unpadded volume."""
+        depth, height, width = self.volume_shape
+        blended = self._sum[:, :, :height, :width]
+        blended /= self.weight_map[:height, :width]
+        return blended.astype(np.float16)
+
+
+def sliding_window_predict(
+    volume: np.ndarray,
+    predict_batch: Callable[[np.ndarray], np.ndarray],
+    roi_size: Sequence[int],
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    *,
+    num_classes: int,
+    sigma_scale: float = 0.125,
+    context_slices: int = 3,
+    pad_value: float = AIR_HU,
+) -> np.ndarray:
+    """Run a 2.5D network over a whole [D,H,W] volume; ``predict_batch`` maps [N,3,h,w] to [N,C,h,w].
+
+    Returns the Gaussian-blended probabilities, float16 [C,D,H,W].
+    """
+    volume = _check_volume(volume)
+    accumulator = TileAccumulator(num_classes, volume.shape, roi_size, overlap, sigma_scale)
+    for batch in iter_tile_batches(volume, roi_size, overlap, batch_size, context_slices, pad_value):
+        accumulator.add(np.asarray(predict_batch(batch.tiles)), batch.positions)
+    return accumulator.result()
+
+
+def _check_volume(volume: np.ndarray) -> np.ndarray:
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise InputError(f"expected a [D,H,W] volume, got shape {list(volume.shape)}")
+    if min(volume.shape) < 1:
+        raise InputError(f"volume has an empty axis: shape {list(volume.shape)}")
+    return volume
+
+
+def _roi_tuple(roi_size: Sequence[int]) -> tuple[int, int]:
+    roi = tuple(int(n) for n in roi_size)
+    if len(roi) != 2 or min(roi) < 1:
+        raise ValueError(f"roi_size must be two positive integers, got {tuple(roi_size)}")
+    return roi

@@ -1,0 +1,54 @@
+"""Triton python-backend model: ONNX Runtime on batches of 2.5D tiles (input ``input`` -> ``probabilities``).
+
+Loaded by Triton through the thin ``model.py`` that mixsup.repository writes next to ``model.onnx``.
+Parameters: DEVICE (auto|cpu|cuda|tensorrt), INTRA_OP_THREADS (0 = ONNX Runtime's default), TRT_CACHE_DIR
+(default: ``trt_cache`` beside the model), FP16 (TensorRT only).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from mixsup.contract import ModelContract
+from mixsup.serving.runtime import create_session
+from mixsup.serving.triton.common import model_parameters, one_line, parse_bool, predict_grouped
+
+INPUT = "input"
+OUTPUT = "probabilities"
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        parameters = model_parameters(json.loads(args["model_config"]))
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.contract = ModelContract.load(version_dir)
+        self.session = create_session(
+            version_dir / "model.onnx",
+            device=parameters.get("DEVICE") or "auto",
+            intra_op_threads=int(parameters.get("INTRA_OP_THREADS") or 0),
+            trt_cache_dir=parameters.get("TRT_CACHE_DIR") or version_dir / "trt_cache",
+            fp16=parse_bool(parameters.get("FP16", "")),
+        )
+        self.input_name = self.session.get_inputs()[0].name
+        outputs = [output.name for output in self.session.get_outputs()]
+        self.output_name = self.contract.output_name if self.contract.output_name in outputs else outputs[0]
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        (probs,) = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(tiles, np.float32)})
+        return np.ascontiguousarray(probs, dtype=np.float32)
+
+    def execute(self, requests: list) -> list:
+        batches = [pb_utils.get_input_tensor_by_name(request, INPUT).as_numpy() for request in requests]
+        responses = []
+        for result in predict_grouped(self.predict, batches):
+            if isinstance(result, Exception):
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(one_line(result))))
+            else:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, result)]))
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None

@@ -1,0 +1,82 @@
+"""Triton python-backend model: sliding-window inference of one network over a whole volume.
+
+Input ``volume`` INT16 [D,H,W] (raw HU) -> 2.5D tiles -> batches sent to the network model over BLS ->
+Gaussian blend -> output ``probabilities`` FP16 [C,D,H,W]. Up to two batches are in flight, so the next batch
+is tiled (and the previous one blended) while the network works. Parameters: NETWORK, ROI ("h,w"), OVERLAP,
+BATCH_SIZE, SIGMA_SCALE, NUM_CLASSES, CONTEXT_SLICES.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from mixsup.serving.tiling import TileAccumulator, iter_tile_batches
+from mixsup.serving.triton.common import model_parameters, one_line, parse_ints, required_parameter
+
+VOLUME = "volume"
+NETWORK_INPUT = "input"
+OUTPUT = "probabilities"
+#: Two batches in flight keep the network busy while this process tiles and blends; more only costs memory.
+MAX_IN_FLIGHT = 2
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        parameters = model_parameters(json.loads(args["model_config"]))
+        self.network = required_parameter(parameters, "NETWORK")
+        self.roi_size = parse_ints(required_parameter(parameters, "ROI"))
+        self.overlap = float(parameters.get("OVERLAP") or 0.25)
+        self.batch_size = int(parameters.get("BATCH_SIZE") or 8)
+        self.sigma_scale = float(parameters.get("SIGMA_SCALE") or 0.125)
+        self.num_classes = int(required_parameter(parameters, "NUM_CLASSES"))
+        self.context_slices = int(parameters.get("CONTEXT_SLICES") or 3)
+
+    async def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                volume = pb_utils.get_input_tensor_by_name(request, VOLUME).as_numpy()
+                probabilities = await self.predict(volume)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, probabilities)]))
+            except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(one_line(exc))))
+        return responses
+
+    async def predict(self, volume: np.ndarray) -> np.ndarray:
+        if volume.ndim == 3 and 0 in volume.shape:
+            # Empty in, empty out. An error here, in one of the ensemble's parallel steps, would leave Triton
+            # 2.51 counting the ensemble request as in flight forever (measured; see mixsup.serving.launcher).
+            return np.zeros((self.num_classes, *volume.shape), dtype=np.float16)
+        accumulator = TileAccumulator(self.num_classes, volume.shape, self.roi_size, self.overlap, self.sigma_scale)
+        in_flight: deque = deque()
+        try:
+            for batch in iter_tile_batches(volume, self.roi_size, self.overlap, self.batch_size, self.context_slices):
+                if len(in_flight) >= MAX_IN_FLIGHT:
+                    await self._collect(accumulator, *in_flight.popleft())
+                in_flight.append((self._send(batch.tiles), batch.positions))
+            while in_flight:
+                await self._collect(accumulator, *in_flight.popleft())
+        finally:
+            # After a failure, let the remaining requests finish so none outlives this one unobserved.
+            if in_flight:
+                await asyncio.gather(*(future for future, _ in in_flight), return_exceptions=True)
+        return accumulator.result()
+
+    def _send(self, tiles: np.ndarray):
+        request = pb_utils.InferenceRequest(
+            model_name=self.network,
+            requested_output_names=[OUTPUT],
+            inputs=[pb_utils.Tensor(NETWORK_INPUT, tiles)],
+        )
+        return request.async_exec()
+
+    async def _collect(self, accumulator: TileAccumulator, future, positions: list) -> None:
+        response = await future
+        if response.has_error():
+            raise RuntimeError(f"network {self.network!r} failed: {response.error().message()}")
+        probs = pb_utils.get_output_tensor_by_name(response, OUTPUT).as_numpy()
+        accumulator.add(probs, positions)

@@ -1,0 +1,165 @@
+"""Writing Triton model-repository entries (mixsup.repository); configs are parsed with Triton's own schema."""
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from mixsup.contract import ModelContract
+from mixsup.errors import InputError
+from mixsup.repository import list_networks, write_ensemble, write_network
+from triton_utils import write_pixel_network
+
+FP32, FP16, INT16, UINT8 = (model_config_pb2.DataType.Value(t) for t in ("TYPE_FP32", "TYPE_FP16", "TYPE_INT16",
+                                                                         "TYPE_UINT8"))
+
+
+def read_config(path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def parameters(config):
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+@pytest.fixture
+def onnx_file(tmp_path):
+    return write_pixel_network(tmp_path / "net.onnx", np.eye(3), np.zeros(3))
+
+
+@pytest.fixture
+def contract():
+    return ModelContract(patch_size=(32, 48), recipe="unet", checkpoint="ck.pt")
+
+
+def test_network_entry(tmp_path, onnx_file, contract):
+    repo = tmp_path / "repo"
+    write_network(repo, "student", onnx_file, contract, instance_count=2, max_batch_size=16, device="cpu")
+    version = repo / "student" / "1"
+    assert (version / "model.onnx").read_bytes() == onnx_file.read_bytes()
+    assert ModelContract.load(version) == contract
+    assert "from mixsup.serving.triton.network import TritonPythonModel" in (version / "model.py").read_text()
+    config = read_config(repo / "student" / "config.pbtxt")
+    assert (config.name, config.backend, config.max_batch_size) == ("student", "python", 16)
+    assert config.HasField("dynamic_batching")
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("input", FP32, [3, -1, -1])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("probabilities", FP32, [3, -1, -1])]
+    assert config.instance_group[0].count == 2
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
+    assert parameters(config)["DEVICE"] == "cpu"
+
+
+def test_window_entry(tmp_path, onnx_file, contract):
+    write_network(tmp_path, "student", onnx_file, contract, overlap=0.5, batch_size=4, sigma_scale=0.25)
+    assert "mixsup.serving.triton.window import TritonPythonModel" in (
+        tmp_path / "student_window" / "1" / "model.py").read_text()
+    config = read_config(tmp_path / "student_window" / "config.pbtxt")
+    assert (config.name, config.backend, config.max_batch_size) == ("student_window", "python", 0)
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("volume", INT16, [-1, -1, -1])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("probabilities", FP16, [-1] * 4)]
+    params = parameters(config)
+    assert params["NETWORK"] == "student" and params["ROI"] == "32,48"
+    assert (float(params["OVERLAP"]), int(params["BATCH_SIZE"]), float(params["SIGMA_SCALE"])) == (0.5, 4, 0.25)
+    assert (int(params["NUM_CLASSES"]), int(params["CONTEXT_SLICES"])) == (3, 3)
+
+
+def test_external_onnx_data_is_copied(tmp_path):
+    model = onnx.load(str(write_pixel_network(tmp_path / "net.onnx", np.eye(3), np.zeros(3))))
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.onnx.data",
+              size_threshold=0)
+    write_network(tmp_path / "repo", "ext", tmp_path / "ext.onnx", ModelContract())
+    assert (tmp_path / "repo" / "ext" / "1" / "ext.onnx.data").read_bytes() == (tmp_path / "ext.onnx.data").read_bytes()
+    onnx.checker.check_model(str(tmp_path / "repo" / "ext" / "1" / "model.onnx"))  # resolves its external data
+
+
+def test_ensemble(tmp_path, onnx_file, contract):
+    write_network(tmp_path, "a", onnx_file, contract)
+    write_network(tmp_path, "b", onnx_file, contract.replace(patch_size=(64, 64), recipe="msdn"))
+    write_ensemble(tmp_path, [("a", 1.0), ("b", 3.0)])
+
+    fuse = read_config(tmp_path / "fuse" / "config.pbtxt")
+    assert (fuse.backend, fuse.max_batch_size) == ("python", 0)
+    assert [(t.name, t.data_type, len(t.dims)) for t in fuse.input] == [("probabilities_0", FP16, 4),
+                                                                       ("probabilities_1", FP16, 4)]
+    assert [(t.name, t.data_type) for t in fuse.output] == [("labels", UINT8), ("probabilities", FP16)]
+    assert [float(w) for w in parameters(fuse)["WEIGHTS"].split(",")] == [1.0, 3.0]
+    assert "mixsup.serving.triton.fuse import" in (tmp_path / "fuse" / "1" / "model.py").read_text()
+
+    segment = read_config(tmp_path / "segment" / "config.pbtxt")
+    assert (segment.platform, segment.max_batch_size) == ("ensemble", 0)
+    assert [(t.name, t.data_type, list(t.dims)) for t in segment.input] == [("volume", INT16, [-1, -1, -1])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in segment.output] == [
+        ("labels", UINT8, [-1, -1, -1]), ("probabilities", FP16, [-1, -1, -1, -1])]
+    steps = segment.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["a_window", "b_window", "fuse"]
+    assert dict(steps[1].input_map) == {"volume": "volume"}
+    assert dict(steps[1].output_map) == {"probabilities": "probabilities_1"}
+    assert dict(steps[2].input_map) == {"probabilities_0": "probabilities_0", "probabilities_1": "probabilities_1"}
+    assert dict(steps[2].output_map) == {"labels": "labels", "probabilities": "probabilities"}
+    assert (tmp_path / "segment" / "1").is_dir()
+
+    shared = ModelContract.from_json(parameters(segment)["contract"])
+    assert shared.class_names == contract.class_names and shared.spacing_mm == contract.spacing_mm
+    members = shared.extra["ensemble_members"]
+    assert [(m["name"], m["weight"], m["patch_size"], m["recipe"]) for m in members] == [
+        ("a", 1.0, [32, 48], "unet"), ("b", 3.0, [64, 64], "msdn")]
+
+
+def test_contract_with_quotes_survives_the_config(tmp_path, onnx_file):
+    tricky = ModelContract(recipe='say "hi" \\ back\nslash', class_names=("bg", "lèber", "lesion"))
+    write_network(tmp_path, "a", onnx_file, tricky)
+    write_ensemble(tmp_path)
+    assert ModelContract.from_json(parameters(read_config(tmp_path / "segment" / "config.pbtxt"))["contract"]
+                                   ).recipe == tricky.recipe
+
+
+def test_default_members_are_every_network(tmp_path, onnx_file, contract):
+    for name in ("b", "a"):
+        write_network(tmp_path, name, onnx_file, contract)
+    assert list_networks(tmp_path) == ["a", "b"]
+    write_ensemble(tmp_path, name="both")
+    config = read_config(tmp_path / "both" / "config.pbtxt")
+    assert [s.model_name for s in config.ensemble_scheduling.step] == ["a_window", "b_window", "both_fuse"]
+    assert parameters(read_config(tmp_path / "both_fuse" / "config.pbtxt"))["WEIGHTS"] == "1.0,1.0"
+    assert list_networks(tmp_path) == ["a", "b"]  # fuse, windows and ensembles are not networks
+
+
+@pytest.mark.parametrize("field, value", [("class_names", ("background", "kidney", "tumour")),
+                                          ("spacing_mm", (0.8, 0.8)), ("context_slices", 5)])
+def test_members_must_agree(tmp_path, onnx_file, contract, field, value):
+    write_network(tmp_path, "a", onnx_file, contract)
+    write_network(tmp_path, "b", onnx_file, contract.replace(**{field: value}))
+    with pytest.raises(InputError, match=field):
+        write_ensemble(tmp_path)
+
+
+def test_bad_ensembles(tmp_path, onnx_file, contract):
+    with pytest.raises(InputError, match="no networks"):
+        write_ensemble(tmp_path)
+    write_network(tmp_path, "a", onnx_file, contract)
+    with pytest.raises(InputError, match="missing"):
+        write_ensemble(tmp_path, [("a", 1.0), ("missing", 1.0)])
+    with pytest.raises(InputError, match="positive"):
+        write_ensemble(tmp_path, [("a", 0.0)])
+    with pytest.raises(InputError, match="twice"):
+        write_ensemble(tmp_path, [("a", 1.0), ("a", 2.0)])
+
+
+@pytest.mark.parametrize("name, options", [("bad/name", {}), ("x_window", {}), ("fuse", {}),
+                                           ("ok", {"batch_size": 32, "max_batch_size": 16}),
+                                           ("ok", {"overlap": 1.0})])
+def test_bad_network_entries(tmp_path, onnx_file, contract, name, options):
+    with pytest.raises(InputError):
+        write_network(tmp_path, name, onnx_file, contract, **options)
+
+
+def test_missing_onnx(tmp_path, contract):
+    with pytest.raises(InputError, match="no such ONNX"):
+        write_network(tmp_path, "a", tmp_path / "nope.onnx", contract)
+
+
+def test_adapter_modules_exist():
+    for module in ("network", "window", "fuse"):
+        assert importlib.util.find_spec(f"mixsup.serving.triton.{module}") is not None
