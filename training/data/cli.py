@@ -3,6 +3,11 @@
 ``mixsup-data phantoms OUT --n N`` writes N synthetic CT cases in LiTS naming with boxes files and a manifest.
 Each NIfTI is stored in its own randomly drawn orthogonal orientation (RAS, LPS, LAS, permuted axes ...) with the
 affine composed so the world geometry is unchanged: every loader must get the same canonical phantom back.
+
+``mixsup-data split DIR --strong F --weak F --test F [--unlabeled F] [--seed S] [--perturb-boxes] [--out FILE]``
+re-deals the cases of DIR that have masks (a phantom folder or a plain LiTS download) into strong, weak (mask
+hidden, boxes derived from it, optionally perturbed as in the teacher-student paper), held-out test and unlabeled
+cases; see :mod:`mixsup.training.data.split`. An existing manifest is copied to ``manifest.json.bak`` first.
 """
 from __future__ import annotations
 
@@ -17,8 +22,20 @@ import numpy as np
 from mixsup.errors import InputError, add_debug_flag, run_command
 from mixsup.scan import write_nifti
 from mixsup.training.data.boxes import boxes_from_labels, save_boxes
-from mixsup.training.data.manifest import STRONG, UNLABELED, WEAK, Case, Manifest, validate_manifest, write_manifest
+from mixsup.training.data.manifest import (
+    HIDDEN_DIR,
+    MANIFEST_FILENAME,
+    STRONG,
+    TEST,
+    UNLABELED,
+    WEAK,
+    Case,
+    Manifest,
+    validate_manifest,
+    write_manifest,
+)
 from mixsup.training.data.phantoms import generate_phantom
+from mixsup.training.data.split import SPLIT_KINDS, UNUSED, plan_split, write_split
 
 PROG = "mixsup-data"
 #: RAS+ direction of each canonical axis (D, H, W): superior, posterior, patient left.
@@ -26,8 +43,6 @@ CANONICAL_AXIS_CODES = ("S", "P", "L")
 _OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 #: Orientations real data comes in most (NIfTI tools, DICOM-derived, dcm2niix radiological), then any other.
 COMMON_ORIENTATIONS = (("R", "A", "S"), ("L", "P", "S"), ("L", "A", "S"), ("R", "P", "I"))
-#: Where the hidden masks of weak and unlabeled phantoms go (for evaluation only; not in LiTS naming).
-HIDDEN_DIR = "hidden"
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -126,6 +141,7 @@ def write_phantom_case(
         segmentation=f"segmentation-{name}.nii.gz" if supervision == STRONG else None,
         boxes=boxes_rel if supervision != UNLABELED else None,
         supervision=supervision,
+        boxes_perturbed=False if supervision == WEAK else None,
         root=out,
     )
     summary = (
@@ -162,6 +178,25 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such dataset folder")
+    manifest_path = Path(args.out) if args.out else root / MANIFEST_FILENAME
+    if manifest_path.is_dir():
+        raise InputError(f"--out {manifest_path}: is a folder; give a file name")
+    fractions = {kind: getattr(args, kind) for kind in SPLIT_KINDS}
+    result = plan_split(root, fractions, args.seed, args.perturb_boxes, manifest_path)
+    backup = write_split(result, root, manifest_path)
+    counts = result.counts
+    print(f"split {sum(counts.values())} masked cases (seed {args.seed}): " + ", ".join(
+        f"{counts[kind]} {kind}" for kind in SPLIT_KINDS) + f", {counts[UNUSED]} left out"
+        + (" (weak boxes perturbed)" if args.perturb_boxes and counts[WEAK] else "")
+        + f"; {result.kept} without masks kept; wrote {manifest_path}"
+        + (f" (previous one saved as {backup.name})" if backup else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Make and manage mixsup training datasets.")
     add_debug_flag(parser)
@@ -185,6 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS keeps a --debug given before the subcommand from being reset by the subparser's default
     phantoms.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the full traceback on errors")
     phantoms.set_defaults(handler=cmd_phantoms)
+
+    split = commands.add_parser(
+        "split", help="deal a dataset's masked cases into strong, weak, test and unlabeled",
+        description="Shuffle the cases of DIR that have a mask (referenced, segmentation-N.nii[.gz] in DIR, or under "
+                    f"{HIDDEN_DIR}/) by --seed and deal them out by fraction. Strong and test cases reference their "
+                    "mask (test cases are held out of training); weak cases hide it and get boxes derived from it in "
+                    "boxes/boxes-N.json (perturbed ones in boxes/boxes-N.perturbed.json); unlabeled ones get neither. "
+                    "Fractions may sum to less than 1: the remaining masked cases are left out. Cases without a mask "
+                    "keep their supervision. No file is moved; an existing manifest is first copied to <name>.bak.")
+    split.add_argument("dir", metavar="DIR", help="dataset folder (with manifest.json, or LiTS naming without one)")
+    for kind, required in ((STRONG, True), (WEAK, True), (TEST, True), (UNLABELED, False)):
+        split.add_argument(f"--{kind}", type=float, required=required, default=0.0, metavar="F",
+                           help=f"fraction of the masked cases that are {kind}" + ("" if required else " (default 0)"))
+    split.add_argument("--seed", type=int, default=0, help="shuffle and perturbation seed (default 0)")
+    split.add_argument("--perturb-boxes", action="store_true",
+                       help="perturb weak boxes as in the teacher-student paper (organ scale 0.95-1.1, vertices moved "
+                            "< 1/20 side; lesion 0.9-1.2, < 1/10 side)")
+    split.add_argument("--out", metavar="MANIFEST", default=None,
+                       help="manifest file to write (default DIR/manifest.json); its paths are relative to its folder")
+    split.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the full traceback on errors")
+    split.set_defaults(handler=cmd_split)
     return parser
 
 

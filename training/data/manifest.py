@@ -5,16 +5,23 @@ Layout (``N`` is an integer; real LiTS downloads use ``.nii``, phantoms ``.nii.g
     volume-N.nii[.gz]          the CT
     segmentation-N.nii[.gz]    its mask (0 background, 1 liver, 2 lesion)
     boxes/boxes-N.json         optional per-slice boxes on the canonical grid (see boxes.py)
+    boxes/boxes-N.perturbed.json  the same boxes after the paper's perturbation (``mixsup-data split --perturb-boxes``)
+    hidden/segmentation-N.nii.gz  masks kept out of training (phantoms' weak / unlabeled cases); used only to split
     manifest.json              optional; without it every case with a segmentation is strong, the rest unlabeled
 
 ``manifest.json``::
 
     {"format": "mixsup-manifest", "version": 1,
+     "split": {"seed": 0, "fractions": {"strong": .., "weak": .., "test": .., "unlabeled": ..},
+               "perturb_boxes": false},                                     optional, written by mixsup-data split
      "cases": [{"case": "N", "volume": "volume-N.nii.gz", "segmentation": "segmentation-N.nii.gz" | null,
-                "boxes": "boxes/boxes-N.json" | null, "supervision": "strong" | "weak" | "unlabeled"}]}
+                "boxes": "boxes/boxes-N.json" | null, "supervision": "strong" | "weak" | "unlabeled" | "test",
+                "boxes_perturbed": true | false}]}                           optional, weak cases only
 
 A strong case has a segmentation; a weak case has boxes and no segmentation (its mask, if any, stays hidden); an
-unlabeled case has neither.
+unlabeled case has neither. A test case has a segmentation and no boxes and is held out for evaluation: no
+training recipe may see it (``Manifest.strong/weak/unlabeled`` never return it). Paths are relative to the
+manifest's folder. The optional keys are omitted when unset, so older manifests load and hash as before.
 """
 from __future__ import annotations
 
@@ -35,8 +42,11 @@ from mixsup.training.data.boxes import Box, boxes_from_labels, load_boxes
 MANIFEST_FILENAME = "manifest.json"
 MANIFEST_FORMAT = "mixsup-manifest"
 MANIFEST_VERSION = 1
-STRONG, WEAK, UNLABELED = "strong", "weak", "unlabeled"
-SUPERVISIONS = (STRONG, WEAK, UNLABELED)
+STRONG, WEAK, UNLABELED, TEST = "strong", "weak", "unlabeled", "test"
+SUPERVISIONS = (STRONG, WEAK, UNLABELED, TEST)
+BOXES_DIR = "boxes"
+#: Where masks kept out of training lie (phantoms' weak and unlabeled cases): for evaluation and re-splitting only.
+HIDDEN_DIR = "hidden"
 LABEL_VALUES = (0, 1, 2)
 AFFINE_TOLERANCE_MM = 1e-3
 
@@ -52,11 +62,16 @@ class Case:
     segmentation: str | None = None
     boxes: str | None = None
     supervision: str = STRONG
+    #: weak cases: whether the boxes file holds perturbed boxes (None: not recorded, e.g. an older manifest)
+    boxes_perturbed: bool | None = None
     root: Path | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
-        return {"case": self.case, "volume": self.volume, "segmentation": self.segmentation,
-                "boxes": self.boxes, "supervision": self.supervision}
+        document = {"case": self.case, "volume": self.volume, "segmentation": self.segmentation,
+                    "boxes": self.boxes, "supervision": self.supervision}
+        if self.boxes_perturbed is not None:
+            document["boxes_perturbed"] = self.boxes_perturbed
+        return document
 
     def path(self, relative: str) -> Path:
         return (self.root or Path(".")) / relative
@@ -68,6 +83,8 @@ class Manifest:
 
     cases: list[Case]
     root: Path
+    #: how ``mixsup-data split`` made it (seed, fractions, perturb_boxes); None for other manifests
+    split: dict | None = None
 
     def strong(self) -> list[Case]:
         return [c for c in self.cases if c.supervision == STRONG]
@@ -78,8 +95,16 @@ class Manifest:
     def unlabeled(self) -> list[Case]:
         return [c for c in self.cases if c.supervision == UNLABELED]
 
+    def test(self) -> list[Case]:
+        """The held-out cases, for evaluation only."""
+        return [c for c in self.cases if c.supervision == TEST]
+
     def to_json(self) -> dict:
-        return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "cases": [c.to_json() for c in self.cases]}
+        document = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION}
+        if self.split is not None:
+            document["split"] = self.split
+        document["cases"] = [c.to_json() for c in self.cases]
+        return document
 
     def sha256(self) -> str:
         """Hash of the canonical JSON (sorted keys, no whitespace): checkpoints record which split they saw."""
@@ -89,11 +114,17 @@ class Manifest:
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_dataset(root: str | os.PathLike) -> Manifest:
-    """The dataset at ``root``: its ``manifest.json`` validated, or one built from LiTS file names."""
+    """The dataset at ``root``: its ``manifest.json`` validated, or one built from LiTS file names.
+
+    ``root`` may also be a manifest file (e.g. one written with ``mixsup-data split --out``); its paths are
+    relative to its folder.
+    """
     root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"{root}: no such dataset folder")
     manifest_path = root / MANIFEST_FILENAME
+    if root.is_file():
+        manifest_path, root = root, root.parent
+    elif not root.is_dir():
+        raise InputError(f"{root}: no such dataset folder")
     if manifest_path.is_file():
         manifest = _read_manifest(manifest_path)
     else:
@@ -116,6 +147,9 @@ def _read_manifest(path: Path) -> Manifest:
     entries = document.get("cases")
     if not isinstance(entries, list):
         raise InputError(f"{path}: \"cases\" must be a list")
+    split = document.get("split")
+    if split is not None and not isinstance(split, dict):
+        raise InputError(f"{path}: \"split\" must be an object or absent")
     cases = []
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("case"), str) or not isinstance(entry.get("volume"), str):
@@ -124,9 +158,12 @@ def _read_manifest(path: Path) -> Manifest:
         for key, value in optional.items():
             if value is not None and not isinstance(value, str):
                 raise InputError(f"{path}: case {entry['case']}: \"{key}\" must be a path or null")
+        perturbed = entry.get("boxes_perturbed")
+        if perturbed is not None and not isinstance(perturbed, bool):
+            raise InputError(f"{path}: case {entry['case']}: \"boxes_perturbed\" must be true, false or absent")
         cases.append(Case(entry["case"], entry["volume"], optional["segmentation"], optional["boxes"],
-                          entry.get("supervision", STRONG)))
-    return Manifest(cases=cases, root=path.parent)
+                          entry.get("supervision", STRONG), perturbed))
+    return Manifest(cases=cases, root=path.parent, split=split)
 
 
 def manifest_from_lits_names(root: str | os.PathLike) -> Manifest:
@@ -152,11 +189,29 @@ def manifest_from_lits_names(root: str | os.PathLike) -> Manifest:
     cases = []
     for number in sorted(found["volume"]):
         segmentation = found["segmentation"].get(number)
-        boxes = f"boxes/boxes-{number}.json"
+        boxes = boxes_path(str(number))
         boxes = boxes if (root / boxes).is_file() else None
         supervision = STRONG if segmentation else (WEAK if boxes else UNLABELED)
         cases.append(Case(str(number), found["volume"][number], segmentation, boxes, supervision))
     return Manifest(cases=cases, root=root)
+
+
+def dataset_cases(root: str | os.PathLike) -> Manifest:
+    """Every case of a dataset folder: :func:`load_dataset`'s, plus LiTS-named volumes its manifest does not list
+    (cases an earlier split left out), as :func:`manifest_from_lits_names` would see them."""
+    manifest = load_dataset(root)
+    if not (Path(root) / MANIFEST_FILENAME).is_file():
+        return manifest
+    has_lits_volume = any((m := _LITS_NAME.match(name)) and m.group(1) == "volume" for name in os.listdir(manifest.root))
+    if not has_lits_volume:
+        return manifest
+    listed_volumes = {Path(c.volume).as_posix() for c in manifest.cases}
+    listed_names = {c.case for c in manifest.cases}
+    for case in manifest_from_lits_names(manifest.root).cases:
+        if case.volume not in listed_volumes and case.case not in listed_names:
+            case.root = manifest.root
+            manifest.cases.append(case)
+    return manifest
 
 
 def validate_manifest(manifest: Manifest) -> None:
@@ -175,14 +230,21 @@ def validate_manifest(manifest: Manifest) -> None:
             raise InputError(f"{where}: weak supervision needs boxes and no segmentation")
         if case.supervision == UNLABELED and (case.segmentation or case.boxes):
             raise InputError(f"{where}: an unlabeled case has neither segmentation nor boxes")
+        if case.supervision == TEST and (not case.segmentation or case.boxes):
+            raise InputError(f"{where}: a test case needs a segmentation and no boxes")
+        if case.boxes_perturbed is not None and case.supervision != WEAK:
+            raise InputError(f"{where}: \"boxes_perturbed\" belongs to weak cases only")
         for relative in (case.volume, case.segmentation, case.boxes):
             if relative is not None and not (manifest.root / relative).is_file():
                 raise InputError(f"{where}: missing file {manifest.root / relative}")
 
 
-def write_manifest(manifest: Manifest) -> Path:
-    """Write ``manifest.json`` into the manifest's root atomically."""
-    path = Path(manifest.root) / MANIFEST_FILENAME
+def write_manifest(manifest: Manifest, path: str | os.PathLike | None = None) -> Path:
+    """Write the manifest atomically to ``path`` (default ``manifest.json`` in its root).
+
+    Its case paths must be relative to ``path``'s folder.
+    """
+    path = Path(manifest.root) / MANIFEST_FILENAME if path is None else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
     try:
@@ -194,6 +256,33 @@ def write_manifest(manifest: Manifest) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# ------------------------------------------------------------------------------------------- file naming
+def case_number(case: Case) -> str:
+    """The ``N`` of the case's LiTS file names: from ``volume-N.nii[.gz]`` if so named, else the case name."""
+    match = _LITS_NAME.match(Path(case.volume).name)
+    return str(int(match.group(2))) if match and match.group(1) == "volume" else case.case
+
+
+def boxes_path(number: str, perturbed: bool = False) -> str:
+    """Where case ``N``'s boxes file lives, relative to the dataset root; perturbed boxes get their own file."""
+    return f"{BOXES_DIR}/boxes-{number}{'.perturbed' if perturbed else ''}.json"
+
+
+def find_mask(root: str | os.PathLike, case: Case, hidden_dirs: tuple[str, ...] = (HIDDEN_DIR,)) -> str | None:
+    """The case's mask relative to ``root``: the one it references, else ``segmentation-N.nii[.gz]`` in ``root``
+    (a mask the manifest hides), else the same name in one of ``hidden_dirs``; None if it has none."""
+    root = Path(root)
+    if case.segmentation:
+        return case.segmentation
+    number = case_number(case)
+    for folder in ("", *hidden_dirs):
+        for suffix in (".nii", ".nii.gz"):
+            relative = f"{folder}/segmentation-{number}{suffix}".lstrip("/")
+            if (root / relative).is_file():
+                return relative
+    return None
 
 
 # -------------------------------------------------------------------------------------------- case data
