@@ -47,11 +47,10 @@ def handle(args: argparse.Namespace) -> int:
     from mixsup.contract import ModelContract
     from mixsup.repository import write_ensemble, write_network
     from mixsup.export.onnx_export import export_onnx, max_parity_error
-    from mixsup.training.recipes import get_recipe
-    from mixsup.training.trainer import load_checkpoint
+    from mixsup.training.trainer import load_checkpoint, network_from_checkpoint
 
     payload = load_checkpoint(args.checkpoint)
-    network = get_recipe(payload["recipe"]).network_from_checkpoint(payload)
+    network = network_from_checkpoint(payload)
     contract = ModelContract.from_dict(payload["contract"])
     patch = args.patch_size or contract.patch_size[0]
     divisor = getattr(network, "size_divisor", 1)

@@ -10,8 +10,7 @@ import torch
 
 from mixsup.contract import ModelContract
 from mixsup.export.cli import main as export_main
-from mixsup.training.recipes.unet import network_from_checkpoint
-from mixsup.training.trainer import load_checkpoint
+from mixsup.training.trainer import load_checkpoint, network_from_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +88,63 @@ def test_soft_dice_loss_hand_computed():
     # Predicting class 1 everywhere when only one pixel is class 1: Dice = 2*1/(2+1).
     logits = torch.tensor([[[[-50.0, -50.0]], [[50.0, 50.0]], [[-50.0, -50.0]]]])
     assert float(soft_dice_loss(logits, target, classes=[1])) == pytest.approx(1 - 2 / 3, abs=1e-4)
+
+
+def test_config_file_then_flags(phantoms, tmp_path):
+    from mixsup.training.trainer import read_config_file
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('epochs = 1\nlearning_rate = 0.01\nspacing_mm = [4.0, 4.0]\n')
+    values = read_config_file(toml)
+    config = TrainConfig.preset("tiny").updated(values).override(["epochs=3"])
+    assert (config.epochs, config.learning_rate, config.spacing_mm) == (3, 0.01, (4.0, 4.0))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InputError):
+        read_config_file(tmp_path / "bad.json")
+    out = tmp_path / "run"
+    assert train_main(["unet", "--data", str(phantoms), "--out", str(out), "--preset", "tiny", "--no-progress",
+                       "--config", str(toml)]) == 0
+    assert load_checkpoint(out / "last.pt")["config"]["spacing_mm"] == (4.0, 4.0)
+
+
+def test_warped_boxes_cover_warped_labels(phantoms):
+    """Image, labels and box masks go through one geometry: every organ pixel stays inside the organ box."""
+    from mixsup.training.data.dataset import SliceSampler, load_volume
+    from mixsup.training.data.manifest import load_dataset
+    from mixsup.training.recipes.base import LESION_BOX, ORGAN_BOX
+
+    volumes = [load_volume(case, (3.2, 3.2)) for case in load_dataset(phantoms).strong()]
+    batch = SliceSampler(volumes, crop=32).batch(np.random.default_rng(0), 16)
+    assert batch.images.shape == (16, 3, 32, 32) and batch.boxes.shape == (16, 2, 32, 32)
+    organ, lesion = batch.labels > 0, batch.labels == 2
+    assert organ.any()
+    assert bool((batch.boxes[:, ORGAN_BOX][organ] == 1).all())
+    assert bool((batch.boxes[:, LESION_BOX][lesion] == 1).all())
+
+
+def test_two_process_distributed_run(phantoms, tmp_path):
+    """torchrun with 2 CPU processes (gloo): both ranks train, rank 0 writes one checkpoint that exports."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mixsup.training.cli", "unet", "--data", str(phantoms), "--out", str(out),
+               "--preset", "tiny", "--no-progress", "--set", "epochs=1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = load_checkpoint(out / "last.pt")
+    assert payload["world_size"] == 2 and payload["epoch"] == 1
+    assert len(payload["numpy_rng"]) == 2 and payload["numpy_rng"][0] != payload["numpy_rng"][1]
+    assert result.stdout.count("mixsup-train: best checkpoint") == 1  # only rank 0 reports
+
+
+def test_log_header_covers_every_stage(tmp_path):
+    from mixsup.training.trainer import write_log
+
+    history = [{"stage": "teacher", "epoch": 1, "train_loss": 1.0},
+               {"stage": "student", "epoch": 1, "train_loss": 0.5, "localization": 0.2}]
+    write_log(tmp_path / "log.csv", history)
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert rows[1]["localization"] == "0.2" and rows[0]["localization"] == ""
+    assert [r["stage"] for r in rows] == ["teacher", "student"]

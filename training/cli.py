@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, type=Path, help="dataset folder (LiTS naming, optional manifest.json)")
     parser.add_argument("--out", required=True, type=Path, help="run folder: checkpoints and log.csv")
     parser.add_argument("--preset", default="default", help="tiny (smoke runs) or default")
+    parser.add_argument("--config", type=Path, help="JSON or TOML file of config keys (flags and --set win)")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint (usually OUT/last.pt)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set epochs=40 --set spacing_mm=[2,2]")
@@ -28,13 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
 def handle(args: argparse.Namespace) -> int:
     from mixsup.training.data.manifest import load_dataset
     from mixsup.training.recipes import get_recipe
-    from mixsup.training.trainer import TrainConfig, train
+    from mixsup.training.trainer import TrainConfig, read_config_file, train
 
-    config = TrainConfig.preset(args.preset, recipe=args.recipe).override(args.overrides)
+    recipe = get_recipe(args.recipe)
+    options = tuple(recipe.DEFAULTS)
+    config = TrainConfig.preset(args.preset, recipe=args.recipe)
+    if args.config:
+        config = config.updated(read_config_file(args.config), options)
+    config = config.override(args.overrides, options)
+    config = config.updated({"options": {**recipe.DEFAULTS, **config.options}})
     manifest = load_dataset(args.data)
-    best = train(get_recipe(args.recipe), manifest, args.out, config, resume=args.resume,
-                 progress=not args.no_progress)
-    print(f"mixsup-train: best checkpoint {best}")
+    best = train(recipe, manifest, args.out, config, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"mixsup-train: best checkpoint {best}")
     return 0
 
 

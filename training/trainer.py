@@ -1,29 +1,38 @@
 """The training loop every recipe runs: sample, step, validate, log, checkpoint. Read it top to bottom.
 
-A recipe (``mixsup.training.recipes``) supplies the network and its loss; this module owns everything else:
-presets, seeding, the CSV log, checkpoints that carry the model contract, and resuming.
+A recipe (:class:`mixsup.training.recipes.base.Recipe`) supplies the method: networks, optimizers, the kinds of
+batches a step wants, the step itself, what happens at the end of a stage. This module owns everything else:
+presets and config files, seeding, data, distributed training (``torchrun`` -> DistributedDataParallel; gloo on
+CPU, nccl on GPU), validation, the CSV log, and checkpoints that carry the model contract so a run resumes in the
+stage and epoch it stopped in.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
+import os
 import time
-from dataclasses import asdict, dataclass
+import tomllib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError
 from mixsup.training.data.dataset import Augmentation, SliceSampler, Volume, load_volume, stack_indices
 from mixsup.training.data.manifest import Manifest
+from mixsup.training.recipes.base import STRONG, Recipe
 
 CHECKPOINT_FORMAT = "mixsup-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+PSEUDO_LABELS_DIR = "pseudo_labels"
 
 
 @dataclass
@@ -44,6 +53,8 @@ class TrainConfig:
     validation_cases: int = 2
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    #: The recipe's own hyperparameters (its ``DEFAULTS`` overridden by the user).
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
@@ -51,27 +62,47 @@ class TrainConfig:
             raise InputError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return dataclasses.replace(cls(**PRESETS[name]), **overrides)
 
-    def override(self, assignments: list[str]) -> "TrainConfig":
-        """Apply ``key=value`` strings (values parsed as JSON where possible) with type checks."""
-        types = {f.name: f.type for f in dataclasses.fields(self)}
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        return cls().updated(values)
+
+    def updated(self, values: dict[str, Any], option_names: Sequence[str] = ()) -> "TrainConfig":
+        """Apply ``values`` with type checks; keys in ``option_names`` (or under ``options``) go to options."""
+        types = {f.name: f for f in dataclasses.fields(self)}
         changes: dict[str, Any] = {}
-        for assignment in assignments:
-            key, sep, raw = assignment.partition("=")
-            if not sep or key not in types:
-                raise InputError(f"bad override {assignment!r}; known keys: {', '.join(sorted(types))}")
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
+        options = dict(self.options)
+        for key, value in values.items():
+            if key == "options" and isinstance(value, dict):
+                options.update(value)
+                continue
+            if key in option_names and key not in types:
+                options[key] = value
+                continue
+            if key not in types:
+                known = sorted([*types, *option_names])
+                raise InputError(f"unknown config key {key!r}; known: {', '.join(known)}")
             current = getattr(self, key)
             if isinstance(current, tuple):
-                value = tuple(value) if isinstance(value, list) else (value,) * len(current)
-            elif isinstance(current, float) and isinstance(value, int):
+                value = tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(current)
+            elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, type(current)):
-                raise InputError(f"override {key}: expected {type(current).__name__}, got {raw!r}")
+                raise InputError(f"config {key}: expected {type(current).__name__}, got {value!r}")
             changes[key] = value
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **changes, options=options)
+
+    def override(self, assignments: Sequence[str], option_names: Sequence[str] = ()) -> "TrainConfig":
+        """Apply ``key=value`` strings from the command line (values parsed as JSON where possible)."""
+        values: dict[str, Any] = {}
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            if not sep:
+                raise InputError(f"bad override {assignment!r}: expected KEY=VALUE")
+            try:
+                values[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                values[key] = raw
+        return self.updated(values, option_names)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -82,25 +113,92 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def seed_everything(seed: int) -> np.random.Generator:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A JSON or TOML file of config keys (recipe options may sit at top level or under ``options``)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such config file")
+    try:
+        if path.suffix.lower() == ".toml":
+            return tomllib.loads(path.read_text())
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"{path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed() -> Distributed:
+    """Join the process group ``torchrun`` describes in the environment; a plain run stays single-process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world_size == 1:
+        return Distributed(device=torch.device("cuda" if cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Distributed(rank=dist.get_rank(), world_size=world_size, device=device)
+
+
+def seed_everything(seed: int, rank: int = 0) -> np.random.Generator:
+    """Same weights on every rank (torch seed), different crops per rank (numpy stream per rank)."""
     torch.manual_seed(seed)
-    return np.random.default_rng(seed)
+    return np.random.default_rng([seed, rank])
+
+
+def distribute(modules: nn.ModuleDict, parallel: Distributed) -> dict[str, nn.Module]:
+    """Each trainable network wrapped in DDP when distributed. Unused parameters are allowed because mixed
+    supervision skips networks per batch kind (a weak batch never reaches MSDN's segmentation decoder)."""
+    if parallel.world_size == 1:
+        return dict(modules.items())
+    wrapped: dict[str, nn.Module] = {}
+    for name, module in modules.items():
+        if any(p.requires_grad for p in module.parameters()):
+            ids = [parallel.device.index] if parallel.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+        wrapped[name] = module
+    return wrapped
 
 
 @torch.no_grad()
-def predict_volume(network: torch.nn.Module, hu: np.ndarray, context_slices: int = 3, batch_size: int = 8,
-                   size_divisor: int = 16) -> np.ndarray:
-    """Labels for a whole canonical volume, slice by slice on full padded slices (no tiling needed here)."""
-    network.eval()
+def predict_volume(logits_fn: Callable[..., torch.Tensor], hu: np.ndarray, boxes: np.ndarray | None = None,
+                   context_slices: int = 3, batch_size: int = 8, size_divisor: int = 16,
+                   device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """Labels for a whole canonical volume, slice by slice on full padded slices (no tiling needed here).
+
+    ``logits_fn(images)`` or, when ``boxes`` ([2,D,H,W] box masks) is given, ``logits_fn(images, boxes)``.
+    """
     depth, height, width = hu.shape
-    pad_h, pad_w = (-height) % size_divisor, (-width) % size_divisor
-    padded = np.pad(hu, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1024).astype(np.float32)
+    pad = ((0, 0), (0, (-height) % size_divisor), (0, (-width) % size_divisor))
+    padded = np.pad(hu, pad, constant_values=-1024).astype(np.float32)
+    padded_boxes = None if boxes is None else np.pad(boxes, ((0, 0), *pad)).astype(np.float32)
     labels = np.empty(hu.shape, dtype=np.uint8)
     for start in range(0, depth, batch_size):
         stop = min(depth, start + batch_size)
-        stacks = np.stack([padded[stack_indices(depth, z, context_slices)] for z in range(start, stop)])
-        logits = network(torch.from_numpy(stacks))
-        labels[start:stop] = logits.argmax(dim=1)[:, :height, :width].numpy().astype(np.uint8)
+        stacks = torch.from_numpy(np.stack([padded[stack_indices(depth, z, context_slices)]
+                                            for z in range(start, stop)])).to(device)
+        if padded_boxes is None:
+            logits = logits_fn(stacks)
+        else:
+            logits = logits_fn(stacks, torch.from_numpy(padded_boxes[:, start:stop].transpose(1, 0, 2, 3)).to(device))
+        labels[start:stop] = logits.argmax(dim=1)[:, :height, :width].cpu().numpy().astype(np.uint8)
     return labels
 
 
@@ -131,10 +229,24 @@ def load_checkpoint(path: str | Path) -> dict:
         raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a mixsup checkpoint")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise InputError(f"{path}: checkpoint version {payload.get('version')} is not supported "
+                         f"(this mixsup reads version {CHECKPOINT_VERSION})")
     return payload
 
 
+def network_from_checkpoint(payload: dict) -> nn.Module:
+    """The exportable segmentation network of a checkpoint, rebuilt from its config, in eval mode."""
+    from mixsup.training.recipes import get_recipe
+
+    recipe = get_recipe(payload["recipe"])
+    modules = recipe.build(TrainConfig.from_dict(payload["config"]))
+    modules.load_state_dict(payload["state_dict"])
+    return recipe.segmentation_network(modules).eval()
+
+
 def split_validation(manifest: Manifest, count: int) -> tuple[list, list]:
+    """The last ``count`` strong cases validate (never the manifest's test cases); the rest train."""
     strong = manifest.strong()
     if len(strong) < 2 and count > 0:
         raise InputError(f"{manifest.root}: need at least 2 strong cases to train and validate, found {len(strong)}")
@@ -142,75 +254,171 @@ def split_validation(manifest: Manifest, count: int) -> tuple[list, list]:
     return strong[: len(strong) - count], strong[len(strong) - count:]
 
 
-def train(recipe, manifest: Manifest, out: Path, config: TrainConfig, resume: Path | None = None,
+@dataclass
+class StageContext:
+    """What a recipe's ``end_stage`` may use: the training volumes by kind, and where to leave soft labels."""
+
+    out: Path
+    config: TrainConfig
+    device: torch.device
+    volumes_by_kind: dict[str, list[Volume]]
+
+    def volumes(self, kind: str) -> list[Volume]:
+        return self.volumes_by_kind.get(kind, [])
+
+    def save_soft_labels(self, case: str, probabilities: np.ndarray) -> Path:
+        """Keep per-class probabilities float16 [C,D,H,W] for ``case``: on disk (so a resumed run has them) and
+        on the volume (so the next stage samples them)."""
+        path = self.out / PSEUDO_LABELS_DIR / f"{case}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, probabilities.astype(np.float16))
+        attach_soft_labels(self.volumes_by_kind, self.out)
+        return path
+
+
+def attach_soft_labels(volumes_by_kind: dict[str, list[Volume]], out: Path) -> None:
+    """Give each volume the soft labels an earlier stage saved for it, if any."""
+    for volumes in volumes_by_kind.values():
+        for volume in volumes:
+            path = out / PSEUDO_LABELS_DIR / f"{volume.case}.npy"
+            if path.is_file():
+                volume.soft_labels = np.load(path)
+
+
+def make_schedulers(optimizers: dict[str, torch.optim.Optimizer], total_steps: int) -> dict[str, Any]:
+    return {name: torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                       total_steps=max(1, total_steps), pct_start=0.1)
+            for name, optimizer in optimizers.items()}
+
+
+def write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite the CSV log from the whole history: stages may log different loss terms, so the header is the
+    union of every row's keys (in first-seen order)."""
+    fieldnames = list(dict.fromkeys(key for row in history for key in row))
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)
+
+
+def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, resume: Path | None = None,
           progress: bool = True) -> Path:
     """Train ``recipe`` on ``manifest``; writes ``last.pt``, ``best.pt`` and ``log.csv`` into ``out``."""
+    parallel = init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
-    rng = seed_everything(config.seed)
+    rng = seed_everything(config.seed, parallel.rank)
+
+    # Data: every supervision kind the manifest has, in memory at the model's spacing.
     train_cases, validation_cases = split_validation(manifest, config.validation_cases)
     to_volume = lambda case: load_volume(case, config.spacing_mm)  # noqa: E731
-    sampler = SliceSampler([to_volume(c) for c in train_cases], crop=config.crop, augmentation=Augmentation())
+    volumes_by_kind = {STRONG: [to_volume(c) for c in train_cases]}
+    for kind, cases in (("weak", manifest.weak()), ("unlabeled", manifest.unlabeled())):
+        if cases:
+            volumes_by_kind[kind] = [to_volume(c) for c in cases]
     validation: list[Volume] = [to_volume(c) for c in validation_cases]
+    attach_soft_labels(volumes_by_kind, out)
 
-    network = recipe.build_network(config)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    total_steps = config.epochs * config.iterations_per_epoch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total_steps,
-                                                    pct_start=0.1)
-    start_epoch, best, history = 0, -1.0, []
-    if resume is not None:
-        state = load_checkpoint(resume)
-        network.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, best, history = state["epoch"], state["best_score"], state["history"]
-
+    modules = recipe.build(config).to(parallel.device)
+    wrapped = distribute(modules, parallel)
+    segmentation = recipe.segmentation_network(modules)
     contract = ModelContract(patch_size=(config.patch_size, config.patch_size), spacing_mm=config.spacing_mm,
                              recipe=recipe.NAME)
+    state = {"stage": 0, "epoch": 0, "best_score": -float("inf"), "history": []}
+    resumed = load_checkpoint(resume) if resume is not None else None
+    if resumed is not None:
+        modules.load_state_dict(resumed["state_dict"])
+        rng.bit_generator.state = resumed["numpy_rng"][parallel.rank % len(resumed["numpy_rng"])]
+        torch.set_rng_state(resumed["torch_rng"])
+        state = {key: resumed[key] for key in state}
+
     log_path = out / "log.csv"
-    for epoch in range(start_epoch, config.epochs):
-        started = time.perf_counter()
-        network.train()
-        losses = []
-        steps = tqdm(range(config.iterations_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
-                     disable=not progress, leave=False)
-        for _ in steps:
-            images, labels = sampler.batch(rng, config.batch_size)
-            loss = recipe.loss(network, images, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            steps.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        pairs = [(predict_volume(network, v.hu, size_divisor=2**config.depth), v.labels) for v in validation]
-        scores = dice_scores(pairs) if pairs else {"dice_liver": float("nan"), "dice_lesion": float("nan")}
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **scores,
-               "seconds": time.perf_counter() - started}
-        history.append(row)
-        with log_path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if handle.tell() == 0:
-                writer.writeheader()
-            writer.writerow(row)
-        print(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}  val Dice liver {row['dice_liver']:.4f} "
-              f"lesion {row['dice_lesion']:.4f}  ({row['seconds']:.0f} s)", flush=True)
-        score = scores["dice_liver"] if np.isfinite(scores["dice_liver"]) else -float(np.mean(losses))
-        payload = {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "recipe": recipe.NAME,
-            "config": asdict(config), "network_config": asdict(network.config), "state_dict": network.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-            "epoch": epoch + 1, "best_score": max(best, score), "history": history,
-            "contract": contract.to_dict(), "manifest_sha256": manifest.sha256(),
-            "validation_cases": [c.case for c in validation_cases],
-        }
-        save_checkpoint(out / "last.pt", payload)
-        if score > best:
-            best = score
-            save_checkpoint(out / "best.pt", payload)
+    for stage_index, stage in enumerate(recipe.STAGES):
+        if stage_index < state["stage"]:
+            continue
+        optimizers = recipe.optimizers(stage, modules, config)
+        schedulers = make_schedulers(optimizers, config.epochs * config.iterations_per_epoch)
+        if resumed is not None and resumed["stage"] == stage_index:
+            for name, optimizer in optimizers.items():
+                optimizer.load_state_dict(resumed["optimizers"][name])
+                schedulers[name].load_state_dict(resumed["schedulers"][name])
+        sizes = {kind: n for kind, n in recipe.batch_sizes(stage, config).items() if volumes_by_kind.get(kind)}
+        samplers = {kind: SliceSampler(volumes_by_kind[kind], crop=config.crop, augmentation=Augmentation())
+                    for kind in sizes}
+        validator = recipe.validation_network(stage, modules)
+
+        for epoch in range(state["epoch"], config.epochs):
+            started = time.perf_counter()
+            for module in modules.values():
+                module.train()
+            losses: list[dict[str, float]] = []
+            steps = tqdm(range(config.iterations_per_epoch), desc=f"{stage} {epoch + 1}/{config.epochs}",
+                         disable=not (progress and parallel.is_main), leave=False)
+            for _ in steps:
+                batches = {kind: samplers[kind].batch(rng, n).to(parallel.device) for kind, n in sizes.items()}
+                losses.append(recipe.train_step(stage, wrapped, batches, optimizers))
+                for scheduler in schedulers.values():
+                    scheduler.step()
+                steps.set_postfix(loss=f"{np.mean([l['loss'] for l in losses[-20:]]):.3f}")
+
+            rng_states = gather_rng_states(rng, parallel)
+            if parallel.is_main:
+                for module in modules.values():
+                    module.eval()
+                if validator is None:
+                    pairs = [(predict_volume(segmentation, v.hu, size_divisor=2**config.depth, device=parallel.device),
+                              v.labels) for v in validation]
+                else:
+                    pairs = [(predict_volume(validator, v.hu, v.boxes, size_divisor=2**config.depth,
+                                             device=parallel.device), v.labels) for v in validation]
+                scores = dice_scores(pairs) if pairs else {"dice_liver": float("nan"), "dice_lesion": float("nan")}
+                mean_losses = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}
+                row = {"stage": stage, "epoch": epoch + 1, "train_loss": mean_losses.pop("loss"), **scores,
+                       "seconds": round(time.perf_counter() - started, 2), **mean_losses}
+                state["history"].append(row)
+                write_log(log_path, state["history"])
+                print(f"{stage} epoch {epoch + 1}: loss {row['train_loss']:.4f}  val Dice liver "
+                      f"{row['dice_liver']:.4f} lesion {row['dice_lesion']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+                # Only the exported network's stage competes for best.pt: a teacher's Dice with boxes is no
+                # measure of the student.
+                last_stage = stage_index == len(recipe.STAGES) - 1
+                score = scores["dice_liver"] if np.isfinite(scores["dice_liver"]) else -row["train_loss"]
+                state["epoch"] = epoch + 1
+                payload = {
+                    "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "recipe": recipe.NAME,
+                    "config": asdict(config), "network_config": asdict(segmentation.config),
+                    "state_dict": modules.state_dict(),
+                    "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                    "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+                    "numpy_rng": rng_states, "torch_rng": torch.get_rng_state(),
+                    "stage": stage_index, "epoch": epoch + 1,
+                    "best_score": max(state["best_score"], score) if last_stage else state["best_score"],
+                    "history": state["history"], "contract": contract.to_dict(),
+                    "manifest_sha256": manifest.sha256(), "validation_cases": [c.case for c in validation_cases],
+                    "world_size": parallel.world_size,
+                }
+                save_checkpoint(out / "last.pt", payload)
+                if last_stage and score > state["best_score"]:
+                    state["best_score"] = score
+                    save_checkpoint(out / "best.pt", payload)
+            parallel.barrier()
+
+        if parallel.is_main:
+            recipe.end_stage(stage, modules, StageContext(out, config, parallel.device, volumes_by_kind))
+        parallel.barrier()
+        attach_soft_labels(volumes_by_kind, out)
+        state["stage"], state["epoch"] = stage_index + 1, 0
+        resumed = None
     return out / "best.pt"
+
+
+def gather_rng_states(rng: np.random.Generator, parallel: Distributed) -> list[dict]:
+    """Every rank's numpy RNG state (rank order), so a resumed job draws the crops it would have drawn."""
+    if parallel.world_size == 1:
+        return [rng.bit_generator.state]
+    states: list[Any] = [None] * parallel.world_size
+    dist.all_gather_object(states, rng.bit_generator.state)
+    return states

@@ -15,32 +15,63 @@ import torch
 from scipy import ndimage
 
 from mixsup.resample import inplane_shape, resample_inplane
-from mixsup.training.data.manifest import Case, load_case
+from mixsup.training.data.boxes import Box, boxes_to_mask
+from mixsup.training.data.manifest import Case, case_boxes, load_case
+from mixsup.training.data.phantoms import LESION, LIVER
+from mixsup.training.recipes.base import STRONG, UNLABELED, Batch
 
 AIR_HU = -1024
 
 
 @dataclass
 class Volume:
-    """One case at the model's spacing: HU [D,H,W] int16, labels [D,H,W] uint8, and slices worth sampling."""
+    """One case at the model's spacing, as the samplers use it.
+
+    ``hu`` int16 [D,H,W]; ``labels`` uint8 [D,H,W] for strong cases, else None; ``boxes`` uint8 [2,D,H,W]
+    filled organ-box and lesion-box masks (zeros where a case has no boxes); ``soft_labels`` float16 [C,D,H,W]
+    pseudo-labels a previous stage wrote, else None; ``sample_slices`` the slices worth sampling more often
+    (those with organ or boxes).
+    """
 
     hu: np.ndarray
-    labels: np.ndarray
-    foreground_slices: np.ndarray
+    labels: np.ndarray | None
+    boxes: np.ndarray
+    kind: str = STRONG
     case: str = ""
+    soft_labels: np.ndarray | None = None
+    sample_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __post_init__(self) -> None:
+        if not len(self.sample_slices):
+            marked = self.boxes.reshape(2, self.boxes.shape[1], -1).max(axis=(0, 2)) > 0
+            if self.labels is not None:
+                marked |= self.labels.reshape(self.labels.shape[0], -1).max(axis=1) > 0
+            self.sample_slices = np.flatnonzero(marked)
+
+
+def box_masks(boxes: Sequence[Box] | None, shape: Sequence[int]) -> np.ndarray:
+    """uint8 [2,D,H,W]: filled organ-box and lesion-box masks on the canonical grid of ``shape``."""
+    if not boxes:
+        return np.zeros((2, *shape), dtype=np.uint8)
+    return np.stack([boxes_to_mask(boxes, shape, LIVER), boxes_to_mask(boxes, shape, LESION)]).astype(np.uint8)
 
 
 def load_volume(case: Case, spacing_mm: Sequence[float]) -> Volume:
-    """Read a labelled case and bring it in-plane to ``spacing_mm``."""
+    """Read a case of any supervision kind and bring it in-plane to ``spacing_mm``.
+
+    Strong cases keep their mask, weak cases their boxes, unlabeled cases only the image. Boxes are rasterised
+    on the scan's grid and resampled with the image, so they stay aligned at any spacing.
+    """
     hu, labels, spacing = load_case(case)
-    if labels is None:
-        raise ValueError(f"case {case.case} has no mask")
+    kind = case.supervision
+    if kind != STRONG:
+        labels = None
+    boxes = case_boxes(case, labels, hu.shape) if kind != UNLABELED else None
+    masks = box_masks(boxes, hu.shape)
     out_hw = inplane_shape(hu.shape[1:], spacing[1:], spacing_mm)
-    hu = resample_inplane(hu.astype(np.float32), out_hw, order=1)
-    hu = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
-    labels = resample_inplane(labels, out_hw, order=0)
-    foreground = np.flatnonzero(labels.reshape(labels.shape[0], -1).max(axis=1) > 0)
-    return Volume(hu=hu, labels=labels, foreground_slices=foreground, case=case.case)
+    hu = np.clip(np.rint(resample_inplane(hu.astype(np.float32), out_hw, order=1)), -32768, 32767).astype(np.int16)
+    labels = None if labels is None else resample_inplane(labels, out_hw, order=0)
+    return Volume(hu=hu, labels=labels, boxes=resample_inplane(masks, out_hw, order=0), kind=kind, case=case.case)
 
 
 @dataclass(frozen=True)
@@ -69,9 +100,10 @@ def stack_indices(depth: int, center: int, context_slices: int) -> np.ndarray:
     return np.clip(np.arange(center - half, center + half + 1), 0, depth - 1)
 
 
-def warp_crop(image: np.ndarray, labels: np.ndarray, center_yx: Sequence[float], crop: int,
-              rng: np.random.Generator, aug: Augmentation) -> tuple[np.ndarray, np.ndarray]:
-    """Crop ``crop x crop`` around ``center_yx`` with random scale, rotation and flips in one affine warp."""
+def random_crop_transform(center_yx: Sequence[float], crop: int, rng: np.random.Generator,
+                          aug: Augmentation) -> tuple[np.ndarray, np.ndarray]:
+    """Matrix and offset (scipy's output -> input convention) of a ``crop x crop`` window around ``center_yx``
+    with random scale, rotation and flips."""
     scale = rng.uniform(*aug.scale)
     angle = np.deg2rad(rng.uniform(-aug.rotate_deg, aug.rotate_deg))
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
@@ -81,14 +113,18 @@ def warp_crop(image: np.ndarray, labels: np.ndarray, center_yx: Sequence[float],
     if rng.random() < aug.flip_lr:
         matrix[:, 1] *= -1
     half = (crop - 1) / 2.0
-    offset = np.asarray(center_yx, dtype=np.float64) - matrix @ np.array([half, half])
-    warped = np.empty((image.shape[0], crop, crop), dtype=np.float32)
-    for channel in range(image.shape[0]):
-        ndimage.affine_transform(image[channel], matrix, offset=offset, output_shape=(crop, crop),
-                                 output=warped[channel], order=1, mode="constant", cval=AIR_HU, prefilter=False)
-    warped_labels = ndimage.affine_transform(labels, matrix, offset=offset, output_shape=(crop, crop),
-                                             order=0, mode="constant", cval=0, prefilter=False)
-    return warped, warped_labels
+    return matrix, np.asarray(center_yx, dtype=np.float64) - matrix @ np.array([half, half])
+
+
+def warp_channels(channels: np.ndarray, transform: tuple[np.ndarray, np.ndarray], crop: int, order: int,
+                  fill: float, dtype=np.float32) -> np.ndarray:
+    """Apply one crop transform to every channel of [K, H, W] (order 1 for intensities, 0 for labels)."""
+    matrix, offset = transform
+    out = np.empty((channels.shape[0], crop, crop), dtype=dtype)
+    for index in range(channels.shape[0]):
+        ndimage.affine_transform(channels[index], matrix, offset=offset, output_shape=(crop, crop),
+                                 output=out[index], order=order, mode="constant", cval=fill, prefilter=False)
+    return out
 
 
 def perturb_intensity(image: np.ndarray, rng: np.random.Generator, aug: Augmentation) -> np.ndarray:
@@ -106,7 +142,11 @@ def perturb_intensity(image: np.ndarray, rng: np.random.Generator, aug: Augmenta
 
 @dataclass
 class SliceSampler:
-    """Draws random augmented 2.5D crops from in-memory volumes; ``foreground_fraction`` of them on organ slices."""
+    """Draws random augmented 2.5D crops from in-memory volumes of one supervision kind.
+
+    ``foreground_fraction`` of the crops are centred near a marked pixel (organ, lesion or box) of a marked
+    slice; one random geometry is applied to the image, labels, box masks and soft labels alike.
+    """
 
     volumes: list[Volume]
     crop: int
@@ -114,24 +154,39 @@ class SliceSampler:
     foreground_fraction: float = 0.8
     augmentation: Augmentation = field(default_factory=Augmentation)
 
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        volume = self.volumes[rng.integers(len(self.volumes))]
+    def _center(self, volume: Volume, rng: np.random.Generator) -> tuple[int, tuple[float, float]]:
         depth, height, width = volume.hu.shape
-        on_organ = len(volume.foreground_slices) > 0 and rng.random() < self.foreground_fraction
-        z = int(rng.choice(volume.foreground_slices)) if on_organ else int(rng.integers(depth))
-        if on_organ:
-            ys, xs = np.nonzero(volume.labels[z])
+        if len(volume.sample_slices) and rng.random() < self.foreground_fraction:
+            z = int(rng.choice(volume.sample_slices))
+            marked = volume.boxes[:, z].max(axis=0) > 0
+            if volume.labels is not None:
+                marked |= volume.labels[z] > 0
+            ys, xs = np.nonzero(marked)
             pick = rng.integers(len(ys))
-            center = (ys[pick] + rng.normal(0, self.crop / 6), xs[pick] + rng.normal(0, self.crop / 6))
-        else:
-            center = (rng.uniform(0, height), rng.uniform(0, width))
-        indices = stack_indices(depth, z, self.context_slices)
+            return z, (ys[pick] + rng.normal(0, self.crop / 6), xs[pick] + rng.normal(0, self.crop / 6))
+        return int(rng.integers(depth)), (rng.uniform(0, height), rng.uniform(0, width))
+
+    def sample(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        volume = self.volumes[rng.integers(len(self.volumes))]
+        z, center = self._center(volume, rng)
+        indices = stack_indices(volume.hu.shape[0], z, self.context_slices)
         if rng.random() < self.augmentation.reverse_slices:
             indices = indices[::-1]
-        image, labels = warp_crop(volume.hu[indices].astype(np.float32), volume.labels[z], center, self.crop,
-                                  rng, self.augmentation)
-        return perturb_intensity(image, rng, self.augmentation), labels
+        transform = random_crop_transform(center, self.crop, rng, self.augmentation)
+        image = warp_channels(volume.hu[indices].astype(np.float32), transform, self.crop, 1, AIR_HU)
+        crop = {"images": perturb_intensity(image, rng, self.augmentation),
+                "boxes": warp_channels(volume.boxes[:, z], transform, self.crop, 0, 0)}
+        if volume.labels is not None:
+            crop["labels"] = warp_channels(volume.labels[z][None], transform, self.crop, 0, 0, np.uint8)[0]
+        if volume.soft_labels is not None:
+            soft = warp_channels(volume.soft_labels[:, z].astype(np.float32), transform, self.crop, 1, 0)
+            soft[0] += 1.0 - soft.sum(axis=0)  # outside the scan is background; keeps each pixel summing to 1
+            crop["soft_labels"] = soft
+        return crop
 
-    def batch(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = zip(*(self.sample(rng) for _ in range(batch_size)))
-        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels).astype(np.int64))
+    def batch(self, rng: np.random.Generator, batch_size: int) -> Batch:
+        crops = [self.sample(rng) for _ in range(batch_size)]
+        stacked = {key: torch.from_numpy(np.stack([c[key] for c in crops])) for key in crops[0]}
+        labels = stacked.get("labels")
+        return Batch(kind=self.volumes[0].kind, images=stacked["images"], boxes=stacked["boxes"],
+                     labels=None if labels is None else labels.long(), soft_labels=stacked.get("soft_labels"))

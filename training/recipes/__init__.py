@@ -1,17 +1,15 @@
-"""Training recipes. Each module names itself (``NAME``) and provides ``build_network(config)`` and
-``loss(network, images, labels)``; :func:`get_recipe` looks one up by its command-line name."""
+"""Training recipes. Each module defines a :class:`~mixsup.training.recipes.base.Recipe` subclass and exposes
+an instance as ``RECIPE``; :func:`get_recipe` looks one up by its command-line name."""
 from __future__ import annotations
 
-from types import ModuleType
+from importlib import import_module
 
 from mixsup.errors import InputError
 
-RECIPES = ("unet",)
+RECIPES = ("unet", "teacher-student")
 
 
-def get_recipe(name: str) -> ModuleType:
+def get_recipe(name: str):
     if name not in RECIPES:
         raise InputError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)}")
-    from importlib import import_module
-
-    return import_module(f"mixsup.training.recipes.{name.replace('-', '_')}")
+    return import_module(f"mixsup.training.recipes.{name.replace('-', '_')}").RECIPE

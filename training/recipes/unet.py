@@ -1,25 +1,36 @@
-"""Baseline: a 2.5D U-Net trained with CE + Dice on the cases the manifest marks strong."""
+"""Baseline: a 2.5D U-Net trained with CE + Dice on the cases the manifest marks strong (strong-only, or fully
+supervised when every case is strong)."""
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
+from torch import nn
 
 from mixsup.training.losses import ce_dice_loss
 from mixsup.training.models.unet import UNet, UNetConfig
+from mixsup.training.recipes.base import STRONG, Batch, Recipe
 
 NAME = "unet"
 
 
-def build_network(config) -> UNet:
-    return UNet(UNetConfig(base_channels=config.base_channels, depth=config.depth))
+class UNetRecipe(Recipe):
+    NAME = NAME
+
+    def build(self, config) -> nn.ModuleDict:
+        return nn.ModuleDict({"segmentation": UNet(UNetConfig(base_channels=config.base_channels, depth=config.depth))})
+
+    def train_step(self, stage: str, modules: Mapping[str, nn.Module], batches: Mapping[str, Batch],
+                   optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+        batch = batches[STRONG]
+        loss = ce_dice_loss(modules["segmentation"](batch.images), batch.labels)
+        optimizers["all"].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers["all"].step()
+        return {"loss": loss.item()}
+
+    def segmentation_network(self, modules: nn.ModuleDict) -> nn.Module:
+        return modules["segmentation"]
 
 
-def network_from_checkpoint(payload: dict) -> UNet:
-    """The exportable segmentation network stored in a checkpoint of this recipe."""
-    network = UNet(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in payload["network_config"].items()}))
-    network.load_state_dict(payload["state_dict"])
-    return network.eval()
-
-
-def loss(network: UNet, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return ce_dice_loss(network(images), labels)
+RECIPE = UNetRecipe()
