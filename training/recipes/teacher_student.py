@@ -1,0 +1,186 @@
+"""Teacher-student with organ-to-lesion attention (Sun et al.): learn from a few masks plus many boxes.
+
+Stage ``teacher``: a box-prompted U-Net (:class:`~mixsup.training.models.teacher_student.TeacherUNet`) learns on
+strong crops, from their slices *and* their box masks, with plain cross-entropy (the paper's teacher loss). At the
+end of the stage it annotates every weak case: :func:`pseudo_labels` runs it on whole slices with the case's boxes
+and keeps the softmax probabilities as **soft** pseudo-labels (not argmax: the teacher's uncertainty at box
+edges stays in the targets).
+
+Stage ``student``: a plain U-Net with a training-only localization branch learns on strong crops (hard labels)
+and pseudo-labelled weak crops (soft labels) with ``CE_seg + alpha * CE_loc``; the localization target is the
+box-derived map (background / organ box / lesion box) that both kinds of crops carry. Both terms use the class
+weights (background, liver, lesion) = (0.1, 0.1, 1.0): the paper gives lesion 1.0 and liver 0.1; background, the
+most frequent class in a crop, gets the liver's 0.1 rather than more (our choice; the paper is silent), so a
+lesion pixel weighs ten times any other. Only the student's U-Net is exported.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixsup.training.data.dataset import AIR_HU, stack_indices
+from mixsup.training.losses import one_hot_targets, segmentation_localization_loss
+from mixsup.training.models.teacher_student import StudentUNet, TeacherUNet
+from mixsup.training.models.unet import UNetConfig
+from mixsup.training.recipes.base import LESION_BOX, ORGAN_BOX, STRONG, WEAK, Batch, Recipe, unwrap
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mixsup.training.trainer import StageContext, TrainConfig
+
+NAME = "teacher-student"
+
+
+def network_config(config: "TrainConfig") -> UNetConfig:
+    """Teacher and student share the baseline's size (``base_channels``, ``depth``)."""
+    return UNetConfig(base_channels=config.base_channels, depth=config.depth)
+
+
+def localization_targets(boxes: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Box masks [N, 2, h, w] -> classes [N, h, w]: 2 inside a lesion box, else 1 inside an organ box, else 0.
+
+    Warped box masks are interpolated, hence the ``threshold``; a lesion box wins where it pokes out of the
+    organ box, since lesion localization is what the branch is there for.
+    """
+    organ = boxes[:, ORGAN_BOX] >= threshold
+    lesion = boxes[:, LESION_BOX] >= threshold
+    targets = organ.long()
+    return targets.masked_fill(lesion, 2)
+
+
+@torch.no_grad()
+def pseudo_labels(teacher: nn.Module, hu: np.ndarray, boxes: np.ndarray, batch_slices: int = 8,
+                  context_slices: int = 3) -> np.ndarray:
+    """Soft pseudo-labels of one case: the teacher's softmax, float16 [C, D, H, W], slice by slice.
+
+    ``hu`` int16 [D, H, W] and ``boxes`` [2, D, H, W] (organ, lesion) are on the training grid. Each slice is
+    padded to a multiple of the teacher's ``size_divisor`` (air for HU, no box) and gets its 3-slice context with
+    edge slices replicated, as in training and serving. The teacher runs in eval mode on its own device and its
+    mode is restored afterwards.
+    """
+    if hu.ndim != 3 or boxes.shape != (2, *hu.shape):
+        raise ValueError(f"need hu [D, H, W] and boxes [2, D, H, W], got {hu.shape} and {boxes.shape}")
+    depth, height, width = hu.shape
+    divisor = int(getattr(teacher, "size_divisor", 1))
+    pad = ((0, (-height) % divisor), (0, (-width) % divisor))
+    padded_hu = np.pad(hu, ((0, 0), *pad), constant_values=AIR_HU).astype(np.float32)
+    padded_boxes = np.pad(boxes, ((0, 0), (0, 0), *pad)).astype(np.float32)
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        chunks = []
+        for start in range(0, depth, batch_slices):
+            centres = range(start, min(depth, start + batch_slices))
+            stacks = np.stack([padded_hu[stack_indices(depth, z, context_slices)] for z in centres])
+            box_masks = np.stack([padded_boxes[:, z] for z in centres])
+            logits = teacher(torch.from_numpy(stacks).to(device), torch.from_numpy(box_masks).to(device))
+            probabilities = torch.softmax(logits.float(), dim=1)[:, :, :height, :width]
+            chunks.append(probabilities.cpu().numpy())
+    finally:
+        teacher.train(was_training)
+    return np.concatenate(chunks).transpose(1, 0, 2, 3).astype(np.float16)
+
+
+class TeacherStudentRecipe(Recipe):
+    """Stages ``teacher`` (box-prompted annotator, strong crops) then ``student`` (strong + pseudo-labelled weak)."""
+
+    NAME = NAME
+    STAGES = ("teacher", "student")
+    DEFAULTS: dict[str, Any] = {
+        "alpha": 1.0,                 # weight of the localization CE
+        "weight_background": 0.1,     # class weights of both student CE terms (see the module docstring)
+        "weight_liver": 0.1,
+        "weight_lesion": 1.0,
+        "weak_fraction": 0.5,         # share of each student batch drawn from pseudo-labelled weak cases
+    }
+
+    def class_weights(self, config: "TrainConfig") -> torch.Tensor:
+        return torch.tensor([float(self.option(config, f"weight_{name}"))
+                             for name in ("background", "liver", "lesion")])
+
+    def build(self, config: "TrainConfig") -> nn.ModuleDict:
+        network = network_config(config)
+        student = StudentUNet(network, self.class_weights(config).tolist(), float(self.option(config, "alpha")))
+        return nn.ModuleDict({"teacher": TeacherUNet(network), "student": student})
+
+    def optimizers(self, stage: str, modules: nn.ModuleDict, config: "TrainConfig") -> dict[str, torch.optim.Optimizer]:
+        network = "teacher" if stage == "teacher" else "student"
+        return {network: torch.optim.AdamW(modules[network].parameters(), lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)}
+
+    def batch_sizes(self, stage: str, config: "TrainConfig") -> dict[str, int]:
+        if stage == "teacher":
+            return {STRONG: config.batch_size}
+        weak = int(round(config.batch_size * float(self.option(config, "weak_fraction"))))
+        weak = min(max(weak, 0), config.batch_size - 1)  # at least one strong crop per step
+        return {STRONG: config.batch_size - weak, WEAK: weak} if weak else {STRONG: config.batch_size}
+
+    def train_step(self, stage: str, modules: Mapping[str, nn.Module], batches: Mapping[str, Batch],
+                   optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+        if stage == "teacher":
+            network, losses = "teacher", self.teacher_losses(modules["teacher"], batches[STRONG])
+        else:
+            network, losses = "student", self.student_losses(modules["student"], batches)
+        optimizer = optimizers[network]
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        return {name: float(value.detach()) for name, value in losses.items()}
+
+    @staticmethod
+    def teacher_losses(teacher: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        """Plain cross-entropy of the box-prompted teacher on strong crops."""
+        if batch.labels is None:
+            raise ValueError("the teacher trains on strong batches (with labels) only")
+        return {"loss": F.cross_entropy(teacher(batch.images, batch.boxes), batch.labels)}
+
+    @staticmethod
+    def student_losses(student: nn.Module, batches: Mapping[str, Batch]) -> dict[str, torch.Tensor]:
+        """``CE_seg + alpha * CE_loc`` on strong (hard labels) and weak (soft labels) crops in one forward pass.
+
+        One forward over the concatenation keeps BatchNorm statistics over the mixed batch, as the paper trains
+        on the mixed dataset. Weak crops must carry ``soft_labels`` (written by the teacher stage).
+        """
+        plain = unwrap(student)
+        num_classes = plain.config.num_classes
+        images, targets, boxes = [], [], []
+        for kind, batch in batches.items():
+            if len(batch) == 0:
+                continue
+            if kind == STRONG:
+                targets.append(one_hot_targets(batch.labels, num_classes))
+            elif kind == WEAK:
+                if batch.soft_labels is None:
+                    raise ValueError("weak batch without soft_labels: the teacher stage writes them")
+                targets.append(batch.soft_labels)
+            else:
+                raise ValueError(f"the student trains on strong and weak batches, got {kind!r}")
+            images.append(batch.images)
+            boxes.append(batch.boxes)
+        segmentation, localization = student(torch.cat(images))
+        return segmentation_localization_loss(segmentation, torch.cat(targets).to(segmentation),
+                                              localization, localization_targets(torch.cat(boxes)),
+                                              plain.class_weights, plain.alpha)
+
+    def segmentation_network(self, modules: nn.ModuleDict) -> nn.Module:
+        """The student's U-Net, without the localization branch."""
+        return unwrap(modules["student"]).segmentation
+
+    def validation_network(self, stage: str, modules: nn.ModuleDict) -> nn.Module | None:
+        """The teacher is scored with the validation cases' boxes; the student as exported."""
+        return unwrap(modules["teacher"]) if stage == "teacher" else None
+
+    def end_stage(self, stage: str, modules: nn.ModuleDict, context: "StageContext") -> None:
+        """After the teacher: write soft pseudo-labels of every weak case for the student stage."""
+        if stage != "teacher":
+            return
+        teacher = unwrap(modules["teacher"])
+        for volume in context.volumes(WEAK):
+            context.save_soft_labels(volume.case, pseudo_labels(teacher, volume.hu, volume.boxes))
+
+
+RECIPE = TeacherStudentRecipe()
