@@ -19,7 +19,6 @@ import csv
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
 from mixsup.clients.client import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_MODEL,
@@ -38,6 +36,7 @@ from mixsup.clients.client import (
     ORGAN_LABEL,
     SegmentationClient,
 )
+
 from mixsup.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -49,6 +48,7 @@ from mixsup.errors import (
     add_debug_flag,
     run_command,
 )
+from mixsup.files import atomic_path
 from mixsup.metrics import label_volumes_ml
 from mixsup.scan import NIFTI_SUFFIXES, Scan, is_nifti, read_scan, write_nifti
 
@@ -270,21 +270,15 @@ def collect_scans(source: Path, output_dir: Path | None = None) -> list[Path]:
 
 def write_summary(path: Path, results: Sequence[CaseResult]) -> Path:
     """The batch summary as CSV, written atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".csv", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
-            writer.writeheader()
-            for result in results:
-                row = asdict(result)
-                for key in ("liver_ml", "lesion_ml"):
-                    row[key] = "" if row[key] is None else f"{row[key]:.2f}"
-                row["seconds"] = "" if row["seconds"] is None else f"{row['seconds']:.2f}"
-                writer.writerow({key: row[key] for key in SUMMARY_COLUMNS})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".csv") as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        for result in results:
+            row = asdict(result)
+            for key in ("liver_ml", "lesion_ml"):
+                row[key] = "" if row[key] is None else f"{row[key]:.2f}"
+            row["seconds"] = "" if row["seconds"] is None else f"{row['seconds']:.2f}"
+            writer.writerow({key: row[key] for key in SUMMARY_COLUMNS})
     return path
 
 

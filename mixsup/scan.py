@@ -14,7 +14,6 @@ an array on the canonical grid back to the file's exact voxel order, so a label 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from nibabel import orientations
 
 from mixsup.errors import InputError
+from mixsup.files import atomic_path
 
 #: Axis codes of the canonical array *before* the final transpose: i -> Left, j -> Posterior, k -> Superior.
 CANONICAL_AXCODES = ("L", "P", "S")
@@ -113,35 +113,17 @@ def read_scan(path: str | os.PathLike) -> Scan:
     return read_nifti(path)
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-#: Read once at import: os.umask can only be read by setting it, which would race with writer threads.
-_UMASK = _read_umask()
-
-
 def write_nifti(path: str | os.PathLike, voxels: np.ndarray, affine: np.ndarray) -> Path:
     """Write ``voxels`` with ``affine`` atomically: the file appears complete or not at all."""
     path = Path(path)
     if not is_nifti(path):
         raise InputError(f"{path}: output must end in .nii or .nii.gz")
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
     image = nib.Nifti1Image(voxels, affine)
     image.header.set_data_dtype(voxels.dtype)
     # The xform code says "scanner" so viewers place the labels exactly where the scan is.
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix) as tmp:
         nib.save(image, tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -13,22 +13,29 @@ import dataclasses
 import json
 import os
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import tomllib
 import torch
 import torch.distributed as dist
+from mixsup.training.data.dataset import (
+    Augmentation,
+    SliceSampler,
+    Volume,
+    load_volume,
+    stack_indices,
+)
+from mixsup.training.data.manifest import Manifest
+from mixsup.training.recipes.base import STRONG, Recipe
 from torch import nn
 from tqdm import tqdm
 
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError
-from mixsup.training.data.dataset import Augmentation, SliceSampler, Volume, load_volume, stack_indices
-from mixsup.training.data.manifest import Manifest
-from mixsup.training.recipes.base import STRONG, Recipe
+from mixsup.files import atomic_path
 
 CHECKPOINT_FORMAT = "mixsup-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -214,9 +221,8 @@ def dice_scores(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path, ".pt") as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -295,12 +301,10 @@ def write_log(path: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite the CSV log from the whole history: stages may log different loss terms, so the header is the
     union of every row's keys (in first-seen order)."""
     fieldnames = list(dict.fromkeys(key for row in history for key in row))
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_path(path, ".csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(history)
-    tmp.replace(path)
 
 
 def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, resume: Path | None = None,

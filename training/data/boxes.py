@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from mixsup.errors import InputError
+from mixsup.files import atomic_path
 
 ORGAN, LESION = 1, 2
 BOXES_FORMAT_FRAME = "canonical"
@@ -135,15 +135,8 @@ def boxes_from_json(document: dict, source: str = "boxes") -> tuple[list[Box], t
 def save_boxes(path: str | os.PathLike, boxes: Iterable[Box], shape: Sequence[int]) -> Path:
     """Write a boxes file atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(boxes_to_json(boxes, shape), handle, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".json") as tmp:
+        tmp.write_text(json.dumps(boxes_to_json(boxes, shape), separators=(",", ":")))
     return path
 
 

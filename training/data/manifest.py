@@ -29,15 +29,15 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from mixsup.training.data.boxes import Box, boxes_from_labels, load_boxes
 
 from mixsup.errors import InputError
+from mixsup.files import atomic_path
 from mixsup.scan import Scan, read_nifti
-from mixsup.training.data.boxes import Box, boxes_from_labels, load_boxes
 
 MANIFEST_FILENAME = "manifest.json"
 MANIFEST_FORMAT = "mixsup-manifest"
@@ -245,16 +245,8 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike | None = None) ->
     Its case paths must be relative to ``path``'s folder.
     """
     path = Path(manifest.root) / MANIFEST_FILENAME if path is None else Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(manifest.to_json(), handle, indent=1)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".json") as tmp:
+        tmp.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
     return path
 
 
