@@ -1,16 +1,14 @@
 """mixsup-export: checkpoint -> ONNX with the HU window inside, contract beside it, repository entries."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
-from mixsup.contract import ModelContract
 from mixsup.export.cli import main as export_main
 from mixsup.training.trainer import load_checkpoint, network_from_checkpoint
+
+from mixsup.contract import ModelContract
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Fusing ensemble members (mixsup.serving.fuse)."""
 import numpy as np
 import pytest
-
 from mixsup.serving.fuse import fuse_probabilities, normalized_weights
 
 

@@ -9,14 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mixsup.serving import cli, launcher
+from mixsup.serving.tiling import slice_stacks
+from triton_utils import (
+    free_ports,
+    launcher_output,
+    pixel_network_reference,
+    serve_command,
+    start_serve,
+    stop_serve,
+    write_pixel_network,
+)
 
 from mixsup.contract import ModelContract
 from mixsup.errors import ServerUnavailable
 from mixsup.repository import write_ensemble, write_network
-from mixsup.serving import cli, launcher
-from mixsup.serving.tiling import slice_stacks
-from triton_utils import (free_ports, launcher_output, pixel_network_reference, serve_command, start_serve,
-                          stop_serve, write_pixel_network)
 
 SHM = Path("/dev/shm")
 

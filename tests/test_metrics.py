@@ -4,7 +4,13 @@ import math
 import numpy as np
 import pytest
 
-from mixsup.metrics import GlobalDice, dice, dice_per_class, label_volumes_ml, voxel_volume_ml
+from mixsup.metrics import (
+    GlobalDice,
+    dice,
+    dice_per_class,
+    label_volumes_ml,
+    voxel_volume_ml,
+)
 
 
 def test_dice_hand_computed():

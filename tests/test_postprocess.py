@@ -2,7 +2,13 @@
 import numpy as np
 import pytest
 
-from mixsup.postprocess import bounding_box, fill_holes, largest_component, lesions_inside_organ, postprocess_labels
+from mixsup.postprocess import (
+    bounding_box,
+    fill_holes,
+    largest_component,
+    lesions_inside_organ,
+    postprocess_labels,
+)
 
 BG, LIVER, LESION = 0, 1, 2
 

@@ -10,13 +10,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from mixsup.training.losses import one_hot_targets, segmentation_localization_loss, weighted_soft_cross_entropy
-from mixsup.training.models.teacher_student import (LocalizationBranch, O2LAttention, StudentUNet, TeacherUNet,
-                                                    resize_masks)
+from mixsup.training.losses import (
+    one_hot_targets,
+    segmentation_localization_loss,
+    weighted_soft_cross_entropy,
+)
+from mixsup.training.models.teacher_student import (
+    LocalizationBranch,
+    O2LAttention,
+    StudentUNet,
+    TeacherUNet,
+    resize_masks,
+)
 from mixsup.training.models.unet import UNet, UNetConfig
 from mixsup.training.recipes.base import STRONG, WEAK, Batch
-from mixsup.training.recipes.teacher_student import RECIPE, localization_targets, pseudo_labels
+from mixsup.training.recipes.teacher_student import (
+    RECIPE,
+    localization_targets,
+    pseudo_labels,
+)
 
 TINY = UNetConfig(base_channels=4, depth=3)
 
@@ -202,8 +214,9 @@ def test_exported_network_has_no_localization_branch():
 
 def test_exported_network_goes_through_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
-    from mixsup.contract import ModelContract
     from mixsup.export.onnx_export import export_onnx, max_parity_error
+
+    from mixsup.contract import ModelContract
 
     network = RECIPE.segmentation_network(RECIPE.build(tiny_config())).eval()
     path = export_onnx(network, ModelContract(patch_size=(32, 32), spacing_mm=(3.2, 3.2)), tmp_path / "m.onnx")

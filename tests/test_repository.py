@@ -5,12 +5,12 @@ import numpy as np
 import onnx
 import pytest
 from google.protobuf import text_format
+from triton_utils import write_pixel_network
 from tritonclient.grpc import model_config_pb2
 
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError
 from mixsup.repository import list_networks, write_ensemble, write_network
-from triton_utils import write_pixel_network
 
 FP32, FP16, INT16, UINT8 = (model_config_pb2.DataType.Value(t) for t in ("TYPE_FP32", "TYPE_FP16", "TYPE_INT16",
                                                                          "TYPE_UINT8"))

@@ -6,13 +6,20 @@ import shutil
 
 import numpy as np
 import pytest
+from mixsup.training.data import cli
+from mixsup.training.data.boxes import PERTURBATION, boxes_from_labels, load_boxes
+from mixsup.training.data.manifest import (
+    Case,
+    Manifest,
+    case_boxes,
+    load_case,
+    load_dataset,
+    write_manifest,
+)
+from mixsup.training.data.split import UNUSED, allocate_counts
 
 from mixsup.errors import InputError
 from mixsup.scan import read_nifti, write_nifti
-from mixsup.training.data import cli
-from mixsup.training.data.boxes import PERTURBATION, boxes_from_labels, load_boxes
-from mixsup.training.data.manifest import Case, Manifest, case_boxes, load_case, load_dataset, write_manifest
-from mixsup.training.data.split import UNUSED, allocate_counts
 
 N_CASES = 10
 SHAPE = ("6", "48", "48")

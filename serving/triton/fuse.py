@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 
 import triton_python_backend_utils as pb_utils
-
 from mixsup.serving.fuse import fuse_probabilities, normalized_weights
-from mixsup.serving.triton.common import model_parameters, one_line, parse_floats, required_parameter
+from mixsup.serving.triton.common import (
+    model_parameters,
+    one_line,
+    parse_floats,
+    required_parameter,
+)
 
 LABELS = "labels"
 PROBABILITIES = "probabilities"

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from mixsup.serving.runtime import create_session
+from mixsup.serving.triton.common import (
+    model_parameters,
+    one_line,
+    parse_bool,
+    predict_grouped,
+)
 
 from mixsup.contract import ModelContract
-from mixsup.serving.runtime import create_session
-from mixsup.serving.triton.common import model_parameters, one_line, parse_bool, predict_grouped
 
 INPUT = "input"
 OUTPUT = "probabilities"

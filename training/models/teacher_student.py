@@ -13,9 +13,15 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from mixsup.training.models.unet import (
+    Decoder,
+    Encoder,
+    HUWindow,
+    UNet,
+    UNetConfig,
+    stage_channels,
+)
 from torch import nn
-
-from mixsup.training.models.unet import Decoder, Encoder, HUWindow, UNet, UNetConfig, stage_channels
 
 #: Classes of the localization maps, in channel order.
 LOCALIZATION_CLASSES = ("background", "organ_box", "lesion_box")

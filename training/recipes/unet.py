@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-from torch import nn
-
 from mixsup.training.losses import ce_dice_loss
 from mixsup.training.models.unet import UNet, UNetConfig
 from mixsup.training.recipes.base import STRONG, Batch, Recipe
+from torch import nn
 
 NAME = "unet"
 
