@@ -6,7 +6,7 @@ from importlib import import_module
 
 from mixsup.errors import InputError
 
-RECIPES = ("unet", "teacher-student")
+RECIPES = ("unet", "teacher-student", "asdnet")
 
 
 def get_recipe(name: str):
