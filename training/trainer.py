@@ -114,8 +114,9 @@ class TrainConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a laptop CPU: for tests and smoke runs, not for accuracy.
+    # One thread: tiny convolutions gain nothing from a second one and lose a lot when the cores are busy.
     "tiny": dict(base_channels=4, depth=3, spacing_mm=(3.2, 3.2), crop=48, patch_size=48, batch_size=4,
-                 epochs=2, iterations_per_epoch=4, validation_cases=1),
+                 epochs=2, iterations_per_epoch=4, validation_cases=1, threads=1),
     "default": {},
 }
 
