@@ -6,7 +6,7 @@ from importlib import import_module
 
 from mixsup.errors import InputError
 
-RECIPES = ("unet", "teacher-student", "msdn", "asdnet")
+RECIPES = ("unet", "teacher-student", "msdn", "lazy", "asdnet")
 
 
 def get_recipe(name: str):
