@@ -112,7 +112,9 @@ def same(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
 
 def test_options_reach_the_step_and_optimizers_split_the_networks():
     config, modules, optimizers, _, _ = tiny_setup()
-    assert RECIPE.weights.gamma == 0.4 and RECIPE.weights.lambda_adv == 0.03 and RECIPE.weights.beta == 2.0
+    weights = RECIPE.loss_weights(config)
+    assert weights.gamma == 0.4 and weights.lambda_adv == 0.03 and weights.beta == 2.0
+    assert not hasattr(RECIPE, "weights")  # read from the config in each step, not kept on the recipe
     ids = lambda params: {id(p) for p in params}  # noqa: E731
     seg = ids(p for g in optimizers["segmentation"].param_groups for p in g["params"])
     conf = ids(p for g in optimizers["confidence"].param_groups for p in g["params"])
@@ -123,10 +125,10 @@ def test_options_reach_the_step_and_optimizers_split_the_networks():
 
 
 def test_segmentation_step_leaves_confidence_network_unchanged():
-    _, modules, optimizers, strong, unlabeled = tiny_setup()
+    config, modules, optimizers, strong, unlabeled = tiny_setup()
     confidence_before, segmentation_before = snapshot(modules["confidence"]), snapshot(modules["segmentation"])
     losses, images, probabilities = segmentation_step(modules, strong, unlabeled.images,
-                                                      optimizers["segmentation"], RECIPE.weights)
+                                                      optimizers["segmentation"], RECIPE.loss_weights(config))
     assert same(modules["confidence"], confidence_before)
     assert not same(modules["segmentation"], segmentation_before)
     assert images.shape[0] == 4 and probabilities.shape == (4, 3, 16, 16) and not probabilities.requires_grad
@@ -156,12 +158,17 @@ def test_unlabeled_crops_do_not_change_the_strong_crops_batch_statistics():
 
 
 def test_train_step_updates_both_networks_with_or_without_unlabeled_crops():
-    _, modules, optimizers, strong, unlabeled = tiny_setup()
+    config, modules, optimizers, strong, unlabeled = tiny_setup()
+    config = config.updated({"options": {"lambda_adv": 0.5, "lambda_semi": 2.0}})
     for batches in ({STRONG: strong, UNLABELED: unlabeled}, {STRONG: strong}):
         before = {name: snapshot(module) for name, module in modules.items()}
-        losses = RECIPE.train_step("train", dict(modules.items()), batches, optimizers)
+        losses = RECIPE.train_step("train", dict(modules.items()), batches, optimizers, config)
         assert all(not same(module, before[name]) for name, module in modules.items())
         assert {"loss", "semi", "adversarial", "confidence"} <= set(losses)
+        # The step weighs its terms with the options of the config it is given.
+        expected = (losses["cross_entropy"] + losses["attention_dice"] + 0.5 * losses["adversarial"]
+                    + 2.0 * losses["semi"])
+        assert losses["loss"] == pytest.approx(expected, rel=1e-5)
     assert losses["semi"] == 0.0  # the strong-only step has no unlabeled term
     weak = Batch(WEAK, images=unlabeled.images[:1], boxes=unlabeled.boxes[:1])
     assert unlabeled_images({STRONG: strong, UNLABELED: unlabeled, WEAK: weak}).shape[0] == 3

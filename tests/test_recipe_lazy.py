@@ -110,7 +110,7 @@ def test_indicator_zeroes_absent_tasks_even_where_targets_exist():
 
 def test_weak_batch_has_zero_segmentation_loss_and_no_gradient_on_segmentation_parameters():
     network = tiny_network()
-    losses = RECIPE.losses(network, {WEAK: weak_batch()})
+    losses = RECIPE.losses(network, {WEAK: weak_batch()}, RECIPE.settings(TrainConfig()))
     assert losses["segmentation"].item() == 0.0 and losses["separation"].item() == 0.0
     assert losses["detection"].item() > 0.0
     losses["loss"].backward()
@@ -129,7 +129,7 @@ def test_weak_samples_change_nothing_in_a_mixed_batch_segmentation_term():
 
     def segmentation_term(batches):
         network.zero_grad(set_to_none=True)
-        losses = RECIPE.losses(network, batches)
+        losses = RECIPE.losses(network, batches, RECIPE.settings(TrainConfig()))
         (losses["segmentation"] + losses["separation"]).backward()
         return losses, [p.grad.clone() for p in segmentation_only_parameters(network)]
 
@@ -141,13 +141,17 @@ def test_weak_samples_change_nothing_in_a_mixed_batch_segmentation_term():
 
 
 def test_train_step_updates_the_network_and_reports_every_task():
-    network_modules = RECIPE.build(TrainConfig(base_channels=2, depth=2))
-    optimizers = RECIPE.optimizers("train", network_modules, TrainConfig(base_channels=2, depth=2))
+    config = TrainConfig(base_channels=2, depth=2, options={"detection_weight": 2.0, "segmentation_weight": 0.5})
+    network_modules = RECIPE.build(config)
+    assert not hasattr(network_modules["network"], "settings")  # the step reads them from its config
+    optimizers = RECIPE.optimizers("train", network_modules, config)
     before = [p.detach().clone() for p in network_modules.parameters()]
-    logged = RECIPE.train_step("train", network_modules, {STRONG: strong_batch(), WEAK: weak_batch()}, optimizers)
+    logged = RECIPE.train_step("train", network_modules, {STRONG: strong_batch(), WEAK: weak_batch()}, optimizers,
+                               config)
     assert set(logged) == {"loss", "detection", "separation", "segmentation"}
     assert all(math.isfinite(v) for v in logged.values())
-    assert logged["loss"] == pytest.approx(logged["detection"] + logged["separation"] + logged["segmentation"])
+    expected = 2.0 * logged["detection"] + logged["separation"] + 0.5 * logged["segmentation"]
+    assert logged["loss"] == pytest.approx(expected, rel=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(before, network_modules.parameters()))
 
 

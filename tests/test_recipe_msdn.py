@@ -268,14 +268,15 @@ def test_detection_targets_are_one_hot_on_positives_with_encoded_boxes():
 
 # ------------------------------------------------------------------------------------------------ training
 def test_weak_batch_trains_the_detection_net_only():
-    modules = RECIPE.build(tiny_config())
+    config = tiny_config()
+    modules = RECIPE.build(config)
     network = modules["msdn"]
-    optimizers = RECIPE.optimizers("train", modules, tiny_config())
+    optimizers = RECIPE.optimizers("train", modules, config)
     segmentation_only = [network.segmentation.segmentation_encoder, network.segmentation.decoder,
                          network.segmentation.head, network.segmentation.gates]
     before = {name: p.detach().clone() for name, p in network.named_parameters()}
 
-    losses = RECIPE.train_step("train", dict(modules.items()), {WEAK: hand_batch(WEAK)}, optimizers)
+    losses = RECIPE.train_step("train", dict(modules.items()), {WEAK: hand_batch(WEAK)}, optimizers, config)
     assert math.isfinite(losses["loss"]) and math.isnan(losses["dice"])
     for module in segmentation_only:
         assert all(g is None or not g.any() for g in gradients(module))
@@ -287,7 +288,7 @@ def test_weak_batch_trains_the_detection_net_only():
 
     # A strong batch reaches the segmentation decoder (so the check above can fail).
     losses = RECIPE.train_step("train", dict(modules.items()), {STRONG: hand_batch(STRONG), WEAK: hand_batch(WEAK)},
-                               optimizers)
+                               optimizers, config)
     assert has_gradient(network.segmentation.decoder) and has_gradient(network.detection_unit)
     assert {"loss", "dice", "focal", "smooth_l1"} <= set(losses) and 0.0 < losses["dice"] <= 1.0
 
@@ -296,10 +297,11 @@ def test_strong_batch_alone_trains_both_nets_and_options_reach_the_loss():
     config = tiny_config(detection_weight=0.0)
     modules = RECIPE.build(config)
     network = modules["msdn"]
-    assert network.detection_settings.detection_weight == 0.0
+    assert RECIPE.settings(config).detection_weight == 0.0
+    assert not hasattr(network, "detection_settings")  # the step reads them from its config
     assert RECIPE.batch_sizes("train", config) == {STRONG: config.batch_size, WEAK: config.batch_size}
     losses = RECIPE.train_step("train", dict(modules.items()), {STRONG: hand_batch(STRONG)},
-                               RECIPE.optimizers("train", modules, config))
+                               RECIPE.optimizers("train", modules, config), config)
     assert math.isclose(losses["loss"], losses["dice"], rel_tol=1e-6)  # detection weighted out
     assert has_gradient(network.segmentation.decoder) and has_gradient(network.detection_encoder)
     assert not has_gradient(network.detection_unit)
@@ -307,10 +309,11 @@ def test_strong_batch_alone_trains_both_nets_and_options_reach_the_loss():
 
 def test_detection_loss_decreases_on_a_repeated_weak_batch():
     torch.manual_seed(0)
-    modules = RECIPE.build(tiny_config())
+    config = tiny_config()
+    modules = RECIPE.build(config)
     optimizers = {"all": torch.optim.Adam(modules.parameters(), lr=3e-3)}
     batch = hand_batch(WEAK)
-    losses = [RECIPE.train_step("train", dict(modules.items()), {WEAK: batch}, optimizers)["loss"]
+    losses = [RECIPE.train_step("train", dict(modules.items()), {WEAK: batch}, optimizers, config)["loss"]
               for _ in range(8)]
     assert losses[-1] < 0.8 * losses[0]
 

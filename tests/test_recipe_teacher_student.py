@@ -118,7 +118,8 @@ def test_teacher_output_depends_on_boxes_and_student_segmentation_does_not():
 
     # Through the training loss: other boxes change only the localization term.
     labels = torch.randint(0, 3, (2, 32, 32))
-    losses = [RECIPE.student_losses(student, {STRONG: Batch(STRONG, hu, boxes, labels)})
+    weights = torch.tensor([0.1, 0.1, 1.0])
+    losses = [RECIPE.student_losses(student, {STRONG: Batch(STRONG, hu, boxes, labels)}, weights, alpha=1.0)
               for boxes in (box_masks(2, 32), box_masks(2, 32, lesion=(20, 26, 4, 10)))]
     assert torch.equal(losses[0]["segmentation"], losses[1]["segmentation"])
     assert not torch.allclose(losses[0]["localization"], losses[1]["localization"])
@@ -255,16 +256,16 @@ def test_recipe_defaults_are_the_papers():
     assert RECIPE.STAGES == ("teacher", "student")
     assert RECIPE.option(config, "alpha") == 1.0
     assert RECIPE.class_weights(config).tolist() == pytest.approx([0.1, 0.1, 1.0])
-    student = RECIPE.build(config)["student"]
-    assert student.alpha == 1.0 and student.class_weights.tolist() == pytest.approx([0.1, 0.1, 1.0])
     overridden = dataclasses.replace(config, options={"alpha": 0.25, "weight_lesion": 2.0})
-    assert RECIPE.build(overridden)["student"].alpha == 0.25
+    assert RECIPE.option(overridden, "alpha") == 0.25
     assert RECIPE.class_weights(overridden).tolist() == pytest.approx([0.1, 0.1, 2.0])
+    student = RECIPE.build(overridden)["student"]
+    assert not hasattr(student, "alpha") and not hasattr(student, "class_weights")  # the step reads the config
 
 
 # ---------------------------------------------------------------------------------------------------- stages
 def test_each_stage_trains_only_its_network():
-    config = tiny_config()
+    config = dataclasses.replace(tiny_config(), options={"alpha": 0.25})
     modules = RECIPE.build(config)
     hu, boxes = torch.randn(2, 3, 32, 32) * 200, box_masks(2, 32)
     strong = Batch(STRONG, hu, boxes, labels=torch.randint(0, 3, (2, 32, 32)))
@@ -276,14 +277,16 @@ def test_each_stage_trains_only_its_network():
         before = {k: v.clone() for k, v in modules.state_dict().items()}
         optimizers = RECIPE.optimizers(stage, modules, config)
         batches = {STRONG: strong} if stage == "teacher" else {STRONG: strong, WEAK: weak}
-        logged = RECIPE.train_step(stage, modules, batches, optimizers)
+        logged = RECIPE.train_step(stage, modules, batches, optimizers, config)
         assert math.isfinite(logged["loss"])
+        if stage == "student":  # the config's alpha weighs the localization term
+            assert logged["loss"] == pytest.approx(logged["segmentation"] + 0.25 * logged["localization"], rel=1e-5)
         after = modules.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in after if k.startswith(frozen + "."))
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(trained + "."))
 
     with pytest.raises(ValueError, match="soft_labels"):
-        RECIPE.student_losses(modules["student"], {WEAK: Batch(WEAK, hu, boxes)})
+        RECIPE.student_losses(modules["student"], {WEAK: Batch(WEAK, hu, boxes)}, RECIPE.class_weights(config), 1.0)
 
 
 def test_validation_scores_the_teacher_with_boxes_then_the_student():

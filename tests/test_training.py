@@ -66,6 +66,25 @@ def test_same_seed_same_weights(phantoms, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_every_step_gets_the_runs_config(phantoms, tmp_path, monkeypatch):
+    from mixsup.training.recipes.unet import RECIPE
+
+    real_step, seen = RECIPE.train_step, []
+
+    def recording_step(stage, modules, batches, optimizers, config):
+        seen.append(config)
+        return real_step(stage, modules, batches, optimizers, config)
+
+    monkeypatch.setattr(RECIPE, "train_step", recording_step)
+    args = ["unet", "--data", str(phantoms), "--out", str(tmp_path / "run"), "--preset", "tiny", "--no-progress",
+            "--set", "epochs=1", "--set", "iterations_per_epoch=3", "--set", "learning_rate=0.005"]
+    assert train_main(args) == 0
+    assert len(seen) == 3 and all(isinstance(config, TrainConfig) for config in seen)
+    stored = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
+    assert all(config == TrainConfig.from_dict(stored) for config in seen)
+    assert seen[0].learning_rate == 0.005 and seen[0].iterations_per_epoch == 3
+
+
 def test_overrides_are_typed():
     config = TrainConfig.preset("tiny").override(["epochs=3", "learning_rate=1", "spacing_mm=[2, 2.5]"])
     assert config.epochs == 3 and config.learning_rate == 1.0 and config.spacing_mm == (2, 2.5)

@@ -364,7 +364,7 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                          disable=not (progress and parallel.is_main), leave=False)
             for _ in steps:
                 batches = {kind: samplers[kind].batch(rng, n).to(parallel.device) for kind, n in sizes.items()}
-                losses.append(recipe.train_step(stage, wrapped, batches, optimizers))
+                losses.append(recipe.train_step(stage, wrapped, batches, optimizers, config))
                 for scheduler in schedulers.values():
                     scheduler.step()
                 steps.set_postfix(loss=f"{np.mean([l['loss'] for l in losses[-20:]]):.3f}")

@@ -21,7 +21,6 @@ from typing import Sequence
 
 import torch
 from mixsup.training.models.unet import (
-    ConvBlock,
     Decoder,
     Encoder,
     HUWindow,
@@ -71,34 +70,6 @@ class MSDNConfig:
     @property
     def detection_width(self) -> int:
         return self.unit_channels or 2 * self.base_channels
-
-
-class DilatedEncoder(Encoder):
-    """:class:`~mixsup.training.models.unet.Encoder` whose stage ``i`` uses dilation ``dilations[i]``; it can also
-    run one stage at a time (:meth:`stage`) so gates can act between stages."""
-
-    def __init__(self, in_channels: int, channels: Sequence[int], dilations: Sequence[int]) -> None:
-        super().__init__(in_channels, channels)
-        if len(dilations) != len(channels):
-            raise ValueError(f"{len(channels)} stages need as many dilations, got {list(dilations)}")
-        inputs = [in_channels, *channels[:-1]]
-        self.blocks = nn.ModuleList(ConvBlock(i, o, d) for i, o, d in zip(inputs, channels, dilations))
-
-    def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Stage ``index`` on the previous stage's output (the input image for stage 0)."""
-        return self.blocks[index](x if index == 0 else self.pool(x))
-
-
-class DilatedDecoder(Decoder):
-    """:class:`~mixsup.training.models.unet.Decoder` whose blocks (coarsest first) use ``dilations``."""
-
-    def __init__(self, channels: Sequence[int], dilations: Sequence[int]) -> None:
-        super().__init__(channels)
-        levels = list(reversed(range(len(channels) - 1)))
-        if len(dilations) != len(levels):
-            raise ValueError(f"{len(levels)} decoder stages need as many dilations, got {list(dilations)}")
-        self.blocks = nn.ModuleList(ConvBlock(2 * channels[level], channels[level], dilation)
-                                    for level, dilation in zip(levels, dilations))
 
 
 class DetectionGate(nn.Module):
@@ -171,10 +142,10 @@ class SegmentationPath(nn.Module):
         channels = config.channels
         encoder_dilations = dilation_pattern(config.depth)[: config.depth + 1]
         self.window = HUWindow(config.hu_window)
-        self.segmentation_encoder = DilatedEncoder(config.in_slices, channels, encoder_dilations)
-        self.detection_encoder = DilatedEncoder(config.in_slices, channels, encoder_dilations)
+        self.segmentation_encoder = Encoder(config.in_slices, channels, encoder_dilations)
+        self.detection_encoder = Encoder(config.in_slices, channels, encoder_dilations)
         self.gates = nn.ModuleList(DetectionGate(c) for c in channels)
-        self.decoder = DilatedDecoder(channels, dilation_pattern(config.depth)[config.depth + 1:])
+        self.decoder = Decoder(channels, dilation_pattern(config.depth)[config.depth + 1:])
         self.head = nn.Conv2d(channels[0], config.num_classes, 1)
 
     @property
@@ -208,7 +179,7 @@ class MSDN(nn.Module):
         self.config = config
         channels = config.channels
         self.segmentation = SegmentationPath(config)
-        self.detection_decoder = DilatedDecoder(channels, dilation_pattern(config.depth)[config.depth + 1:])
+        self.detection_decoder = Decoder(channels, dilation_pattern(config.depth)[config.depth + 1:])
         # Decoder scales have different widths; a 1x1 projection per scale lets one unit serve them all (as FPN
         # lateral convs do for RetinaNet).
         self.detection_projections = nn.ModuleList(nn.Conv2d(channels[level], config.detection_width, 1)
@@ -216,7 +187,7 @@ class MSDN(nn.Module):
         self.detection_unit = DetectionUnit(config.detection_width, config.detection_classes)
 
     @property
-    def detection_encoder(self) -> DilatedEncoder:
+    def detection_encoder(self) -> Encoder:
         return self.segmentation.detection_encoder
 
     @property

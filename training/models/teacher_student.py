@@ -135,21 +135,16 @@ class StudentUNet(nn.Module):
     """The exported :class:`UNet` (``segmentation``) plus the training-only :class:`LocalizationBranch`.
 
     ``forward(hu)`` returns ``(segmentation logits, localization logits)``; the segmentation logits are exactly
-    ``self.segmentation(hu)``, so stripping the branch changes nothing the exported net computes.
-
-    The loss settings travel with the network, so a training step needs no config: ``class_weights`` (background,
-    liver, lesion; a non-persistent buffer that follows the device) and ``alpha``, the localization term's weight.
+    ``self.segmentation(hu)``, so stripping the branch changes nothing the exported net computes. The loss
+    settings (class weights, localization weight) are the recipe's options, not part of the network.
     """
 
-    def __init__(self, config: UNetConfig = UNetConfig(), class_weights: Sequence[float] = (0.1, 0.1, 1.0),
-                 alpha: float = 1.0) -> None:
+    def __init__(self, config: UNetConfig = UNetConfig()) -> None:
         super().__init__()
         self.config = config
         self.segmentation = UNet(config)
         decoder_channels = list(reversed(stage_channels(config.base_channels, config.depth)[:-1]))
         self.localization = LocalizationBranch(decoder_channels)
-        self.register_buffer("class_weights", torch.tensor([float(w) for w in class_weights]), persistent=False)
-        self.alpha = float(alpha)
 
     def forward(self, hu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         net = self.segmentation

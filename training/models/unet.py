@@ -48,36 +48,58 @@ def stage_channels(base_channels: int, depth: int, max_channels: int = 320) -> l
     return [min(base_channels * 2**level, max_channels) for level in range(depth + 1)]
 
 
-class Encoder(nn.Module):
-    """Conv blocks separated by 2x2 max pooling; returns the features of every scale, finest first."""
+def stage_dilations(stages: int, dilations: Sequence[int] | None) -> list[int]:
+    """``dilations`` as a list of one per stage (None: all 1); a wrong count is a ValueError."""
+    if dilations is None:
+        return [1] * stages
+    if len(dilations) != stages:
+        raise ValueError(f"{stages} stages need as many dilations, got {list(dilations)}")
+    return [int(d) for d in dilations]
 
-    def __init__(self, in_channels: int, channels: Sequence[int]) -> None:
+
+class Encoder(nn.Module):
+    """Conv blocks separated by 2x2 max pooling; returns the features of every scale, finest first.
+
+    Stage ``i`` (finest first) uses dilation ``dilations[i]``; None means 1 everywhere. Dilation changes no
+    parameter shape or name, so a checkpoint loads whatever the dilations.
+    """
+
+    def __init__(self, in_channels: int, channels: Sequence[int], dilations: Sequence[int] | None = None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList()
         previous = in_channels
-        for out in channels:
-            self.blocks.append(ConvBlock(previous, out))
+        for out, dilation in zip(channels, stage_dilations(len(channels), dilations)):
+            self.blocks.append(ConvBlock(previous, out, dilation))
             previous = out
         self.pool = nn.MaxPool2d(2)
 
+    def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``index`` on the previous stage's output (the input image for stage 0), so a caller can act
+        between stages."""
+        return self.blocks[index](x if index == 0 else self.pool(x))
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
-        for index, block in enumerate(self.blocks):
-            x = block(x if index == 0 else self.pool(x))
+        for index in range(len(self.blocks)):
+            x = self.stage(index, x)
             features.append(x)
         return features
 
 
 class Decoder(nn.Module):
-    """Transposed-conv upsampling, concatenation with the skip, conv block; returns every decoder scale."""
+    """Transposed-conv upsampling, concatenation with the skip, conv block; returns every decoder scale.
 
-    def __init__(self, channels: Sequence[int]) -> None:
+    Block ``i`` (coarsest first, ``len(channels) - 1`` of them) uses dilation ``dilations[i]``; None means 1.
+    """
+
+    def __init__(self, channels: Sequence[int], dilations: Sequence[int] | None = None) -> None:
         super().__init__()
         self.up = nn.ModuleList()
         self.blocks = nn.ModuleList()
-        for level in reversed(range(len(channels) - 1)):
+        levels = list(reversed(range(len(channels) - 1)))
+        for level, dilation in zip(levels, stage_dilations(len(levels), dilations)):
             self.up.append(nn.ConvTranspose2d(channels[level + 1], channels[level], 2, stride=2))
-            self.blocks.append(ConvBlock(2 * channels[level], channels[level]))
+            self.blocks.append(ConvBlock(2 * channels[level], channels[level], dilation))
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         x = features[-1]

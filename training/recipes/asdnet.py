@@ -52,7 +52,8 @@ NAME = "asdnet"
 
 @dataclass(frozen=True)
 class ASDNetLossWeights:
-    """The hyperparameters one step needs (read from the config's options when the networks are built)."""
+    """The hyperparameters the segmentation step needs, read from a run's options by
+    :meth:`ASDNetRecipe.loss_weights`."""
 
     beta: float = 2.0
     lambda_adv: float = 0.03
@@ -130,12 +131,11 @@ class ASDNetRecipe(Recipe):
     DEFAULTS: dict[str, Any] = {"beta": 2.0, "lambda_adv": 0.03, "lambda_semi": 0.3, "gamma": 0.5,
                                 "confidence_lr_scale": 0.4, "weak_as_unlabeled": 1}
 
-    def __init__(self) -> None:
-        # train_step gets no config; build() (which the trainer, export and tests call first) sets these.
-        self.weights = ASDNetLossWeights.from_options(self.DEFAULTS)
+    def loss_weights(self, config) -> ASDNetLossWeights:
+        """The segmentation step's hyperparameters of a run."""
+        return ASDNetLossWeights.from_options({key: self.option(config, key) for key in self.DEFAULTS})
 
     def build(self, config) -> nn.ModuleDict:
-        self.weights = ASDNetLossWeights.from_options({key: self.option(config, key) for key in self.DEFAULTS})
         segmentation = UNet(UNetConfig(base_channels=config.base_channels, depth=config.depth))
         confidence = ConfidenceNetwork(ConfidenceNetworkConfig(
             in_slices=segmentation.config.in_slices, num_classes=segmentation.config.num_classes,
@@ -160,10 +160,10 @@ class ASDNetRecipe(Recipe):
         return sizes
 
     def train_step(self, stage: str, modules: Mapping[str, nn.Module], batches: Mapping[str, Batch],
-                   optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+                   optimizers: Mapping[str, torch.optim.Optimizer], config) -> dict[str, float]:
         strong = batches[STRONG]
         losses, images, probabilities = segmentation_step(modules, strong, unlabeled_images(batches),
-                                                          optimizers["segmentation"], self.weights)
+                                                          optimizers["segmentation"], self.loss_weights(config))
         losses.update(confidence_step(modules, images, strong.labels, probabilities, optimizers["confidence"]))
         return losses
 

@@ -82,9 +82,11 @@ class Recipe:
         return {STRONG: config.batch_size}
 
     def train_step(self, stage: str, modules: Mapping[str, nn.Module], batches: Mapping[str, Batch],
-                   optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+                   optimizers: Mapping[str, torch.optim.Optimizer], config: "TrainConfig") -> dict[str, float]:
         """One step: forward, backward, optimizer steps (the recipe zeroes and steps its own optimizers, so an
-        adversarial method can alternate). Returns the losses to log; ``"loss"`` is the one reported."""
+        adversarial method can alternate). ``config`` is the run's config: the step reads the method's
+        hyperparameters from it with :meth:`option`, so no recipe keeps them as state. Returns the losses to log;
+        ``"loss"`` is the one reported."""
         raise NotImplementedError
 
     def segmentation_network(self, modules: nn.ModuleDict) -> nn.Module:

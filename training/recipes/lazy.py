@@ -170,7 +170,8 @@ def interface_map(labels: np.ndarray, radius: float = 2.0, lesion: int = LESION)
 # ------------------------------------------------------------------------------------------ the recipe
 @dataclass(frozen=True)
 class LazySettings:
-    """The method's hyperparameters that a training step needs (read from the config's options in ``build``)."""
+    """The method's hyperparameters that a training step needs, read from a run's options by
+    :meth:`LazyRecipe.settings`."""
 
     task_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # detection, separation, segmentation
     lesion_class_weight: float = 3.0
@@ -286,6 +287,7 @@ class LazyRecipe(Recipe):
     }
 
     def settings(self, config: "TrainConfig") -> LazySettings:
+        """The hyperparameters a training step needs, from the run's options."""
         value = lambda key: float(self.option(config, key))  # noqa: E731
         return LazySettings(
             task_weights=(value("detection_weight"), value("separation_weight"), value("segmentation_weight")),
@@ -298,7 +300,6 @@ class LazyRecipe(Recipe):
 
     def build(self, config: "TrainConfig") -> nn.ModuleDict:
         network = MultiTaskUNet(MultiTaskUNetConfig(base_channels=config.base_channels, depth=config.depth))
-        network.settings = self.settings(config)  # travels with the module, so a step needs no config
         return nn.ModuleDict({"network": network})
 
     def batch_sizes(self, stage: str, config: "TrainConfig") -> dict[str, int]:
@@ -306,16 +307,16 @@ class LazyRecipe(Recipe):
         weak = min(max(weak, 0), config.batch_size - 1)  # at least one strong crop per step
         return {STRONG: config.batch_size - weak, WEAK: weak} if weak else {STRONG: config.batch_size}
 
-    def losses(self, network: nn.Module, batches: Mapping[str, Batch]) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def losses(network: nn.Module, batches: Mapping[str, Batch], settings: LazySettings) -> dict[str, torch.Tensor]:
         """One forward pass over the concatenated strong and weak crops (shared BatchNorm statistics, as the paper
         trains on mixed batches) and the three gated task losses."""
-        settings: LazySettings = unwrap(network).settings
         images, targets = task_targets(batches, settings)
         return multi_task_losses(network(images), targets, settings)
 
     def train_step(self, stage: str, modules: Mapping[str, nn.Module], batches: Mapping[str, Batch],
-                   optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
-        losses = self.losses(modules["network"], batches)
+                   optimizers: Mapping[str, torch.optim.Optimizer], config: "TrainConfig") -> dict[str, float]:
+        losses = self.losses(modules["network"], batches, self.settings(config))
         optimizer = optimizers["all"]
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()

@@ -46,7 +46,7 @@ POSITIVE, NEGATIVE, IGNORED = 1, 0, -1
 
 @dataclass(frozen=True)
 class DetectionSettings:
-    """The detection loss's hyperparameters, from the recipe options of a run."""
+    """The detection loss's hyperparameters, read from a run's recipe options by :meth:`MSDNRecipe.settings`."""
 
     anchor_size: float
     positive_iou: float
@@ -126,15 +126,13 @@ class MSDNRecipe(Recipe):
     }
 
     def settings(self, config) -> DetectionSettings:
+        """The detection loss's hyperparameters of a run."""
         names = [f.name for f in dataclasses.fields(DetectionSettings)]
         return DetectionSettings(**{key: float(self.option(config, key)) for key in names})
 
     def build(self, config) -> nn.ModuleDict:
         network = MSDN(MSDNConfig(base_channels=config.base_channels, depth=config.depth,
                                   unit_channels=int(self.option(config, "unit_channels"))))
-        # train_step gets no config: the run's loss settings travel with the network they train (a plain
-        # attribute, so neither state_dict nor DistributedDataParallel sees it).
-        network.detection_settings = self.settings(config)
         return nn.ModuleDict({"msdn": network})
 
     def batch_sizes(self, stage: str, config) -> dict[str, int]:
@@ -142,10 +140,10 @@ class MSDNRecipe(Recipe):
         return {STRONG: config.batch_size, WEAK: config.batch_size}
 
     def train_step(self, stage: str, modules: Mapping[str, nn.Module], batches: Mapping[str, Batch],
-                   optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+                   optimizers: Mapping[str, torch.optim.Optimizer], config) -> dict[str, float]:
         network = modules["msdn"]
         core: MSDN = unwrap(network)
-        settings: DetectionSettings = core.detection_settings
+        settings = self.settings(config)
         strong, weak = batches.get(STRONG), batches.get(WEAK)
         present = [batch for batch in (strong, weak) if batch is not None]
         if not present:

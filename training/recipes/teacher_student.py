@@ -106,12 +106,13 @@ class TeacherStudentRecipe(Recipe):
     }
 
     def class_weights(self, config: "TrainConfig") -> torch.Tensor:
+        """Weights of background, liver and lesion in both student CE terms."""
         return torch.tensor([float(self.option(config, f"weight_{name}"))
                              for name in ("background", "liver", "lesion")])
 
     def build(self, config: "TrainConfig") -> nn.ModuleDict:
         network = network_config(config)
-        student = StudentUNet(network, self.class_weights(config).tolist(), float(self.option(config, "alpha")))
+        student = StudentUNet(network)  # built first: the seeded initialisation depends on the order
         return nn.ModuleDict({"teacher": TeacherUNet(network), "student": student})
 
     def optimizers(self, stage: str, modules: nn.ModuleDict, config: "TrainConfig") -> dict[str, torch.optim.Optimizer]:
@@ -127,11 +128,12 @@ class TeacherStudentRecipe(Recipe):
         return {STRONG: config.batch_size - weak, WEAK: weak} if weak else {STRONG: config.batch_size}
 
     def train_step(self, stage: str, modules: Mapping[str, nn.Module], batches: Mapping[str, Batch],
-                   optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+                   optimizers: Mapping[str, torch.optim.Optimizer], config: "TrainConfig") -> dict[str, float]:
         if stage == "teacher":
             network, losses = "teacher", self.teacher_losses(modules["teacher"], batches[STRONG])
         else:
-            network, losses = "student", self.student_losses(modules["student"], batches)
+            network, losses = "student", self.student_losses(modules["student"], batches, self.class_weights(config),
+                                                             float(self.option(config, "alpha")))
         optimizer = optimizers[network]
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -146,14 +148,15 @@ class TeacherStudentRecipe(Recipe):
         return {"loss": F.cross_entropy(teacher(batch.images, batch.boxes), batch.labels)}
 
     @staticmethod
-    def student_losses(student: nn.Module, batches: Mapping[str, Batch]) -> dict[str, torch.Tensor]:
-        """``CE_seg + alpha * CE_loc`` on strong (hard labels) and weak (soft labels) crops in one forward pass.
+    def student_losses(student: nn.Module, batches: Mapping[str, Batch], class_weights: torch.Tensor,
+                       alpha: float) -> dict[str, torch.Tensor]:
+        """``CE_seg + alpha * CE_loc`` on strong (hard labels) and weak (soft labels) crops in one forward pass;
+        ``class_weights`` (background, liver, lesion) weigh both terms.
 
         One forward over the concatenation keeps BatchNorm statistics over the mixed batch, as the paper trains
         on the mixed dataset. Weak crops must carry ``soft_labels`` (written by the teacher stage).
         """
-        plain = unwrap(student)
-        num_classes = plain.config.num_classes
+        num_classes = unwrap(student).config.num_classes
         images, targets, boxes = [], [], []
         for kind, batch in batches.items():
             if len(batch) == 0:
@@ -171,7 +174,7 @@ class TeacherStudentRecipe(Recipe):
         segmentation, localization = student(torch.cat(images))
         return segmentation_localization_loss(segmentation, torch.cat(targets).to(segmentation),
                                               localization, localization_targets(torch.cat(boxes)),
-                                              plain.class_weights, plain.alpha)
+                                              class_weights, alpha)
 
     def segmentation_network(self, modules: nn.ModuleDict) -> nn.Module:
         """The student's U-Net, without the localization branch."""

@@ -2,13 +2,16 @@
 supervised when every case is strong)."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from mixsup.training.losses import ce_dice_loss
 from mixsup.training.models.unet import UNet, UNetConfig
 from mixsup.training.recipes.base import STRONG, Batch, Recipe
 from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mixsup.training.trainer import TrainConfig
 
 NAME = "unet"
 
@@ -20,7 +23,7 @@ class UNetRecipe(Recipe):
         return nn.ModuleDict({"segmentation": UNet(UNetConfig(base_channels=config.base_channels, depth=config.depth))})
 
     def train_step(self, stage: str, modules: Mapping[str, nn.Module], batches: Mapping[str, Batch],
-                   optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+                   optimizers: Mapping[str, torch.optim.Optimizer], config: "TrainConfig") -> dict[str, float]:
         batch = batches[STRONG]
         loss = ce_dice_loss(modules["segmentation"](batch.images), batch.labels)
         optimizers["all"].zero_grad(set_to_none=True)
