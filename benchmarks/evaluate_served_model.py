@@ -1,0 +1,173 @@
+"""Accuracy and latency of a served model repository, measured through the real stack.
+
+Starts ``mixsup-serve`` on the repository, segments held-out phantoms with the ``mixsup-client segment``
+command (a fresh process per scan, as a user runs it), and reports:
+
+* server start-to-ready seconds;
+* global and per-case Dice (liver as LiTS counts it: liver ∪ lesion; lesion) against the phantoms' labels,
+  for phantoms of the project's generator (seeds never used in training) and of the independent generator in
+  ``benchmarks/foreign_phantoms.py``;
+* end-to-end seconds of ``mixsup-client segment`` for a 256x256x40 and a 512x512x100 scan, side by side with
+  a peer that does the same work in one process with no server (read, pre-process, ONNX Runtime sliding
+  window with the same tiles and blending, post-process, write), and their ratio: what serving costs.
+
+Usage: python benchmarks/evaluate_served_model.py [--repository model_repository] [--cases 6] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from foreign_phantoms import make_foreign_case  # noqa: E402
+
+from mixsup.metrics import GlobalDice, dice  # noqa: E402
+from mixsup.scan import read_nifti, write_nifti  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(repository: Path, log: Path) -> tuple[subprocess.Popen, str, float]:
+    grpc, http, metrics = free_port(), free_port(), free_port()
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [str(BIN / "mixsup-serve"), "--model-repository", str(repository), "--grpc-port", str(grpc),
+         "--http-port", str(http), "--metrics-port", str(metrics), "--log-file", str(log)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"mixsup-serve exited {process.returncode}: {process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1) as response:
+                if response.status == 200:
+                    return process, f"127.0.0.1:{grpc}", time.perf_counter() - started
+        except OSError:
+            time.sleep(0.1)
+
+
+def segment_with_cli(scan: Path, out: Path, url: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([str(BIN / "mixsup-client"), "segment", str(scan), "-o", str(out), "--url", url],
+                   check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def evaluate(cases: list[tuple[Path, Path]], url: str, work: Path) -> dict:
+    liver, lesion, per_case = GlobalDice([1]), GlobalDice([2]), []
+    for volume_path, label_path in cases:
+        out = work / f"pred-{volume_path.name}"
+        seconds = segment_with_cli(volume_path, out, url)
+        predicted, truth = read_nifti(out), read_nifti(label_path)
+        if predicted.voxels.shape != truth.voxels.shape or not np.allclose(predicted.affine, truth.affine):
+            raise SystemExit(f"{out}: not on the input grid")
+        p, t = predicted.voxels, truth.voxels
+        liver.update(np.minimum(p, 1), np.minimum(t, 1))
+        lesion.update(p, t)
+        per_case.append({"case": volume_path.name, "seconds": round(seconds, 2),
+                         "dice_liver": round(dice(np.minimum(p, 1), np.minimum(t, 1), 1), 4),
+                         "dice_lesion": round(dice(p, t, 2), 4), "lesion_voxels": int((t == 2).sum())})
+    return {"dice_liver_global": round(liver.result()[1], 4), "dice_lesion_global": round(lesion.result()[2], 4),
+            "cases": per_case}
+
+
+def segment_in_process(scan_path: Path, out: Path, network_dir: Path) -> float:
+    """The peer: the same pipeline as the served path, in this process, no Triton, no gRPC."""
+    from mixsup.clients.pipeline import prepare_volume, restore_labels
+    from mixsup.contract import ModelContract
+    from mixsup.postprocess import postprocess_labels
+    from mixsup.scan import read_scan
+    from mixsup.serving.fuse import fuse_probabilities
+    from mixsup.serving.runtime import create_session
+    from mixsup.serving.tiling import sliding_window_predict
+
+    contract = ModelContract.load(network_dir / "1" / "contract.json")
+    session = create_session(network_dir / "1" / "model.onnx", device="cpu")
+    started = time.perf_counter()
+    scan = read_scan(scan_path)
+    volume, restore = prepare_volume(scan, contract)
+    probabilities = sliding_window_predict(
+        volume, lambda tiles: session.run(None, {contract.input_name: tiles})[0], contract.patch_size,
+        overlap=0.25, batch_size=8, num_classes=contract.num_classes)
+    labels, _ = fuse_probabilities([probabilities], [1.0])
+    labels = postprocess_labels(restore_labels(labels, restore, contract.num_classes))
+    write_nifti(out, labels, scan.affine)
+    return time.perf_counter() - started
+
+
+def own_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int, int]) -> list[tuple[Path, Path]]:
+    subprocess.run([str(BIN / "mixsup-data"), "phantoms", str(folder), "--n", str(count), "--seed", str(seed),
+                    "--shape", *map(str, shape)], check=True, stdout=subprocess.DEVNULL)
+    return [(folder / f"volume-{i}.nii.gz", folder / f"segmentation-{i}.nii.gz") for i in range(count)]
+
+
+def foreign_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int, int]) -> list[tuple[Path, Path]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for index in range(count):
+        volume, labels, affine = make_foreign_case(seed + index, shape)
+        pair = (folder / f"volume-{index}.nii.gz", folder / f"segmentation-{index}.nii.gz")
+        write_nifti(pair[0], volume, affine)
+        write_nifti(pair[1], labels, affine)
+        cases.append(pair)
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, default=HERE.parent / "model_repository")
+    parser.add_argument("--cases", type=int, default=6, help="held-out cases per generator")
+    parser.add_argument("--seed", type=int, default=90210, help="never a training seed")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        server, url, ready_seconds = start_server(args.repository, work / "triton.log")
+        try:
+            results = {"repository": str(args.repository), "start_to_ready_s": round(ready_seconds, 2)}
+            results["own_phantoms_40x256x256"] = evaluate(
+                own_phantoms(work / "own", args.cases, args.seed, (40, 256, 256)), url, work)
+            results["foreign_phantoms_40x256x256"] = evaluate(
+                foreign_phantoms(work / "foreign", args.cases, args.seed, (40, 256, 256)), url, work)
+            timing = {}
+            for shape in [(40, 256, 256), (100, 512, 512)]:
+                (case,) = own_phantoms(work / f"timing-{shape[1]}", 1, args.seed + 7, shape)
+                segment_with_cli(case[0], work / "warmup.nii.gz", url)  # first-call costs are not latency
+                served = [segment_with_cli(case[0], work / "timing.nii.gz", url) for _ in range(3)]
+                peer = [segment_in_process(case[0], work / "peer.nii.gz", args.repository / "unet")
+                        for _ in range(3)]
+                timing["x".join(map(str, shape[::-1]))] = {
+                    "served_cli_median_s": round(float(np.median(served)), 2),
+                    "in_process_median_s": round(float(np.median(peer)), 2),
+                    "served_over_in_process": round(float(np.median(served) / np.median(peer)), 2),
+                    "served_runs_s": [round(r, 2) for r in served], "in_process_runs_s": [round(r, 2) for r in peer]}
+            results["end_to_end_cli_seconds"] = timing
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
