@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from mixsup.clients.client import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_MODEL,
@@ -36,7 +37,6 @@ from mixsup.clients.client import (
     ORGAN_LABEL,
     SegmentationClient,
 )
-
 from mixsup.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,

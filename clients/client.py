@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
 from mixsup.clients.pipeline import (
     prepare_volume,
     restore_labels,
     restore_probabilities,
     to_int16_hu,
 )
-from tritonclient.utils import InferenceServerException
-
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError, MixsupError, ServerUnavailable
 from mixsup.postprocess import postprocess_labels

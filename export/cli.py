@@ -44,11 +44,10 @@ def sha256_of(path: Path) -> str:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from mixsup.export.onnx_export import export_onnx, max_parity_error
-    from mixsup.training.trainer import load_checkpoint, network_from_checkpoint
-
     from mixsup.contract import ModelContract
+    from mixsup.export.onnx_export import export_onnx, max_parity_error
     from mixsup.repository import write_ensemble, write_network
+    from mixsup.training.trainer import load_checkpoint, network_from_checkpoint
 
     payload = load_checkpoint(args.checkpoint)
     network = network_from_checkpoint(payload)

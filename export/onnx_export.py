@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mixsup.training.models.unet import Probabilities
 
 from mixsup.contract import ModelContract
+from mixsup.training.models.unet import Probabilities
 
 DEFAULT_OPSET = 17
 

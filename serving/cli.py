@@ -12,10 +12,9 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from mixsup.serving.launcher import ServerStartupError, TritonProcess
-
 import mixsup
 from mixsup.errors import EXIT_OK, InputError, MixsupError, add_debug_flag, run_command
+from mixsup.serving.launcher import ServerStartupError, TritonProcess
 
 PROG = "mixsup-serve"
 LOG_TAIL_LINES = 20

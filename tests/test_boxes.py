@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+
+from mixsup.errors import InputError
 from mixsup.training.data.boxes import (
     Box,
     boxes_from_labels,
@@ -16,8 +18,6 @@ from mixsup.training.data.boxes import (
     save_boxes,
 )
 from mixsup.training.data.phantoms import generate_phantom
-
-from mixsup.errors import InputError
 
 
 def constructed_labels() -> np.ndarray:

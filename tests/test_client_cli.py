@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+
 from mixsup.clients.cli import collect_scans, default_output_path, main
 from mixsup.clients.client import SegmentationClient, normalize_url
-
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError, ServerUnavailable
 from mixsup.postprocess import postprocess_labels
@@ -210,9 +210,9 @@ def real_triton(tmp_path_factory):
     """gRPC ``HOST:PORT`` of ``mixsup-serve`` on a repository: network ``pixel`` (:data:`PIXEL_WEIGHT`, 1 mm,
     16x16 tiles) and the ``segment`` ensemble over it. Stopped by PID after the module's last test."""
     import triton_utils
-    from mixsup.serving.launcher import find_tritonserver
 
     from mixsup.repository import write_ensemble, write_network
+    from mixsup.serving.launcher import find_tritonserver
 
     try:
         find_tritonserver()

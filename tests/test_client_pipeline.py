@@ -2,13 +2,13 @@
 import nibabel as nib
 import numpy as np
 import pytest
+
 from mixsup.clients.pipeline import (
     needs_resampling,
     prepare_volume,
     restore_labels,
     restore_probabilities,
 )
-
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError, MixsupError
 from mixsup.metrics import dice

@@ -5,10 +5,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from mixsup.export.cli import main as export_main
-from mixsup.training.trainer import load_checkpoint, network_from_checkpoint
 
 from mixsup.contract import ModelContract
+from mixsup.export.cli import main as export_main
+from mixsup.training.trainer import load_checkpoint, network_from_checkpoint
 
 
 @pytest.fixture(scope="module")

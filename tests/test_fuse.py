@@ -1,6 +1,7 @@
 """Fusing ensemble members (mixsup.serving.fuse)."""
 import numpy as np
 import pytest
+
 from mixsup.serving.fuse import fuse_probabilities, normalized_weights
 
 

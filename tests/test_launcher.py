@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mixsup.serving import cli, launcher
-from mixsup.serving.tiling import slice_stacks
 from triton_utils import (
     free_ports,
     launcher_output,
@@ -24,6 +22,8 @@ from triton_utils import (
 from mixsup.contract import ModelContract
 from mixsup.errors import ServerUnavailable
 from mixsup.repository import write_ensemble, write_network
+from mixsup.serving import cli, launcher
+from mixsup.serving.tiling import slice_stacks
 
 SHM = Path("/dev/shm")
 

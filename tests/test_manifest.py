@@ -5,6 +5,9 @@ import json
 
 import numpy as np
 import pytest
+
+from mixsup.errors import InputError
+from mixsup.scan import write_nifti
 from mixsup.training.data.boxes import boxes_from_labels, save_boxes
 from mixsup.training.data.manifest import (
     Case,
@@ -14,9 +17,6 @@ from mixsup.training.data.manifest import (
     load_dataset,
     write_manifest,
 )
-
-from mixsup.errors import InputError
-from mixsup.scan import write_nifti
 
 # LPS storage as a DICOM-derived NIfTI has it; i -> patient left, j -> posterior, k -> superior
 LPS_AFFINE = np.diag([-0.8, -0.8, 2.5, 1.0])

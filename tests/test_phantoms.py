@@ -7,12 +7,12 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from mixsup.training.data import cli
-from mixsup.training.data.manifest import load_case, load_dataset
-from mixsup.training.data.phantoms import _Composer, draw_spacing, generate_phantom
 from scipy import ndimage
 
 from mixsup.scan import Scan, read_nifti
+from mixsup.training.data import cli
+from mixsup.training.data.manifest import load_case, load_dataset
+from mixsup.training.data.phantoms import _Composer, draw_spacing, generate_phantom
 
 SHAPE = (12, 64, 64)
 SEEDS = range(12)

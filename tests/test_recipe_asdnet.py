@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from mixsup.training.losses import (
     confidence_mask,
     confident_self_training_loss,
@@ -176,10 +177,9 @@ def test_train_step_updates_both_networks_with_or_without_unlabeled_crops():
 
 
 def test_exported_network_has_no_confidence_parameters(tmp_path):
+    from mixsup.contract import ModelContract
     from mixsup.export.onnx_export import export_onnx, max_parity_error
     from mixsup.training.models.unet import UNet
-
-    from mixsup.contract import ModelContract
 
     config, modules, _, _, _ = tiny_setup()
     # What export does: rebuild from the stored config, load the whole state, keep the segmentation network.
@@ -210,13 +210,13 @@ def mixed_phantoms(tmp_path_factory):
 def test_tiny_run_trains_on_unlabeled_scans_and_exports(mixed_phantoms, tmp_path, monkeypatch):
     import csv
 
-    import mixsup.training.recipes as recipes
     import onnx
+
+    import mixsup.training.recipes as recipes
+    from mixsup.contract import ModelContract
     from mixsup.export.cli import main as export_main
     from mixsup.training.cli import main as train_main
     from mixsup.training.trainer import load_checkpoint
-
-    from mixsup.contract import ModelContract
 
     if "asdnet" not in recipes.RECIPES:  # until the recipe is registered
         monkeypatch.setattr(recipes, "RECIPES", (*recipes.RECIPES, "asdnet"))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mixsup.training.losses import IGNORE_INDEX, indicated_weighted_cross_entropy
 from mixsup.training.recipes.base import LESION_BOX, ORGAN_BOX, STRONG, WEAK, Batch
 from mixsup.training.recipes.lazy import (
@@ -279,8 +280,9 @@ def weak_phantoms(tmp_path_factory):
 
 
 def test_tiny_run_trains_and_exports(weak_phantoms, tmp_path, monkeypatch):
-    import mixsup.training.recipes as recipes
     import onnxruntime
+
+    import mixsup.training.recipes as recipes
     from mixsup.export.cli import main as export_main
     from mixsup.training.cli import main as train_main
     from mixsup.training.trainer import load_checkpoint

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from mixsup.training.losses import anchor_detection_loss, sigmoid_focal_loss
 from mixsup.training.models.msdn import (
     ANCHORS_PER_POSITION,
@@ -31,7 +33,6 @@ from mixsup.training.recipes.msdn import (
     match_anchors,
 )
 from mixsup.training.trainer import TrainConfig
-from torch import nn
 
 SIDE = 32  # crop side of the hand-made batches (a multiple of 2**depth)
 
@@ -345,9 +346,8 @@ def test_exported_segmentation_path_needs_the_detection_encoder_but_not_the_unit
 
 
 def test_exported_segmentation_path_goes_through_onnx(tmp_path):
-    from mixsup.export.onnx_export import export_onnx, max_parity_error
-
     from mixsup.contract import ModelContract
+    from mixsup.export.onnx_export import export_onnx, max_parity_error
 
     network = RECIPE.segmentation_network(RECIPE.build(tiny_config())).eval()
     contract = ModelContract(patch_size=(SIDE, SIDE), spacing_mm=(3.2, 3.2), recipe="msdn")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mixsup.training.losses import (
     one_hot_targets,
     segmentation_localization_loss,
@@ -215,9 +216,8 @@ def test_exported_network_has_no_localization_branch():
 
 def test_exported_network_goes_through_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
-    from mixsup.export.onnx_export import export_onnx, max_parity_error
-
     from mixsup.contract import ModelContract
+    from mixsup.export.onnx_export import export_onnx, max_parity_error
 
     network = RECIPE.segmentation_network(RECIPE.build(tiny_config())).eval()
     path = export_onnx(network, ModelContract(patch_size=(32, 32), spacing_mm=(3.2, 3.2)), tmp_path / "m.onnx")

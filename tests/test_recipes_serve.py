@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from triton_utils import start_serve, stop_serve
 
 from mixsup.clients.client import SegmentationClient
 from mixsup.contract import ModelContract
@@ -13,7 +14,6 @@ from mixsup.serving.tiling import sliding_window_predict
 from mixsup.training.cli import main as train_main
 from mixsup.training.data.cli import main as data_main
 from mixsup.training.recipes import RECIPES
-from triton_utils import start_serve, stop_serve
 
 pytestmark = pytest.mark.triton
 

@@ -3,6 +3,9 @@ adapters use to run dynamically batched requests (mixsup.serving.triton.common).
 import numpy as np
 import onnxruntime as ort
 import pytest
+from triton_utils import pixel_network_reference, write_pixel_network
+
+from mixsup.errors import InputError
 from mixsup.serving.runtime import CPU, CUDA, TENSORRT, choose_providers, create_session
 from mixsup.serving.triton.common import (
     model_parameters,
@@ -10,9 +13,6 @@ from mixsup.serving.triton.common import (
     parse_ints,
     predict_grouped,
 )
-from triton_utils import pixel_network_reference, write_pixel_network
-
-from mixsup.errors import InputError
 
 GPU_PROVIDERS = [TENSORRT, CUDA, CPU]
 

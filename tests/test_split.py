@@ -6,6 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+
+from mixsup.errors import InputError
+from mixsup.scan import read_nifti, write_nifti
 from mixsup.training.data import cli
 from mixsup.training.data.boxes import PERTURBATION, boxes_from_labels, load_boxes
 from mixsup.training.data.manifest import (
@@ -17,9 +20,6 @@ from mixsup.training.data.manifest import (
     write_manifest,
 )
 from mixsup.training.data.split import UNUSED, allocate_counts
-
-from mixsup.errors import InputError
-from mixsup.scan import read_nifti, write_nifti
 
 N_CASES = 10
 SHAPE = ("6", "48", "48")

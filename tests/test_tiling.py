@@ -1,6 +1,8 @@
 """Sliding-window tiling and Gaussian blending (mixsup.serving.tiling)."""
 import numpy as np
 import pytest
+
+from mixsup.errors import InputError
 from mixsup.serving.tiling import (
     TileAccumulator,
     gaussian_importance_map,
@@ -10,8 +12,6 @@ from mixsup.serving.tiling import (
     sliding_window_predict,
     tile_starts,
 )
-
-from mixsup.errors import InputError
 
 ROI = (16, 16)
 # (D, H, W): smaller than, equal to, and not a multiple of the tile, including a single slice.

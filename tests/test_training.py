@@ -6,12 +6,12 @@ import csv
 import numpy as np
 import pytest
 import torch
-from mixsup.training.cli import main as train_main
-from mixsup.training.losses import soft_dice_loss
-from mixsup.training.trainer import TrainConfig, load_checkpoint
 
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError
+from mixsup.training.cli import main as train_main
+from mixsup.training.losses import soft_dice_loss
+from mixsup.training.trainer import TrainConfig, load_checkpoint
 
 
 @pytest.fixture

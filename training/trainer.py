@@ -21,6 +21,12 @@ import numpy as np
 import tomllib
 import torch
 import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from mixsup.contract import ModelContract
+from mixsup.errors import InputError
+from mixsup.files import atomic_path
 from mixsup.training.data.dataset import (
     Augmentation,
     SliceSampler,
@@ -30,12 +36,6 @@ from mixsup.training.data.dataset import (
 )
 from mixsup.training.data.manifest import Manifest
 from mixsup.training.recipes.base import STRONG, Recipe
-from torch import nn
-from tqdm import tqdm
-
-from mixsup.contract import ModelContract
-from mixsup.errors import InputError
-from mixsup.files import atomic_path
 
 CHECKPOINT_FORMAT = "mixsup-checkpoint"
 CHECKPOINT_VERSION = 2

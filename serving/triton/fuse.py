@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import triton_python_backend_utils as pb_utils
+
 from mixsup.serving.fuse import fuse_probabilities, normalized_weights
 from mixsup.serving.triton.common import (
     model_parameters,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from mixsup.contract import ModelContract
 from mixsup.serving.runtime import create_session
 from mixsup.serving.triton.common import (
     model_parameters,
@@ -18,8 +20,6 @@ from mixsup.serving.triton.common import (
     parse_bool,
     predict_grouped,
 )
-
-from mixsup.contract import ModelContract
 
 INPUT = "input"
 OUTPUT = "probabilities"

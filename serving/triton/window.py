@@ -13,6 +13,7 @@ from collections import deque
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
 from mixsup.serving.tiling import TileAccumulator, iter_tile_batches
 from mixsup.serving.triton.common import (
     model_parameters,

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from mixsup.errors import InputError, add_debug_flag, run_command
+from mixsup.scan import write_nifti
 from mixsup.training.data.boxes import boxes_from_labels, save_boxes
 from mixsup.training.data.manifest import (
     HIDDEN_DIR,
@@ -33,9 +36,6 @@ from mixsup.training.data.manifest import (
 )
 from mixsup.training.data.phantoms import generate_phantom
 from mixsup.training.data.split import SPLIT_KINDS, UNUSED, plan_split, write_split
-
-from mixsup.errors import InputError, add_debug_flag, run_command
-from mixsup.scan import write_nifti
 
 PROG = "mixsup-data"
 #: RAS+ direction of each canonical axis (D, H, W): superior, posterior, patient left.

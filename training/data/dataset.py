@@ -12,13 +12,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
+
+from mixsup.resample import inplane_shape, resample_inplane
 from mixsup.training.data.boxes import Box, boxes_to_mask
 from mixsup.training.data.manifest import Case, case_boxes, load_case
 from mixsup.training.data.phantoms import LESION, LIVER
 from mixsup.training.recipes.base import STRONG, UNLABELED, Batch
-from scipy import ndimage
-
-from mixsup.resample import inplane_shape, resample_inplane
 
 AIR_HU = -1024
 

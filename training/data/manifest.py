@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from mixsup.training.data.boxes import Box, boxes_from_labels, load_boxes
 
 from mixsup.errors import InputError
 from mixsup.files import atomic_path
 from mixsup.scan import Scan, read_nifti
+from mixsup.training.data.boxes import Box, boxes_from_labels, load_boxes
 
 MANIFEST_FILENAME = "manifest.json"
 MANIFEST_FORMAT = "mixsup-manifest"

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from mixsup.errors import InputError
 from mixsup.training.data.boxes import Box, boxes_from_labels, perturb_boxes, save_boxes
 from mixsup.training.data.manifest import (
     MANIFEST_FILENAME,
@@ -34,8 +36,6 @@ from mixsup.training.data.manifest import (
     validate_manifest,
     write_manifest,
 )
-
-from mixsup.errors import InputError
 
 #: The order in which the shuffled masked cases are dealt out.
 SPLIT_KINDS = (STRONG, WEAK, TEST, UNLABELED)

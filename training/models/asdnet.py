@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from mixsup.training.models.unet import HUWindow, stage_channels
 from torch import nn
+
+from mixsup.training.models.unet import HUWindow, stage_channels
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
-from mixsup.training.models.unet import Decoder, Encoder, HUWindow, stage_channels
 from torch import nn
+
+from mixsup.training.models.unet import Decoder, Encoder, HUWindow, stage_channels
 
 DETECTION, SEGMENTATION, SEPARATION = "detection", "segmentation", "separation"
 

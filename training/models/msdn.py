@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch import nn
+
 from mixsup.training.models.unet import (
     Decoder,
     Encoder,
     HUWindow,
     stage_channels,
 )
-from torch import nn
 
 #: Anchor sides relative to a scale's base size, and height/width ratios (RetinaNet's 3 x 3 = 9 per position).
 ANCHOR_SCALES = (1.0, 2.0 ** (1.0 / 3.0), 2.0 ** (2.0 / 3.0))

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from mixsup.training.models.unet import (
     Decoder,
     Encoder,
@@ -21,7 +23,6 @@ from mixsup.training.models.unet import (
     UNetConfig,
     stage_channels,
 )
-from torch import nn
 
 #: Classes of the localization maps, in channel order.
 LOCALIZATION_CLASSES = ("background", "organ_box", "lesion_box")

@@ -36,6 +36,8 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from mixsup.training.losses import (
     confidence_bce,
     confident_self_training_loss,
@@ -45,7 +47,6 @@ from mixsup.training.losses import (
 from mixsup.training.models.asdnet import ConfidenceNetwork, ConfidenceNetworkConfig
 from mixsup.training.models.unet import UNet, UNetConfig
 from mixsup.training.recipes.base import STRONG, UNLABELED, WEAK, Batch, Recipe
-from torch import nn
 
 NAME = "asdnet"
 

@@ -42,6 +42,9 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
+from scipy import ndimage
+from torch import nn
+
 from mixsup.training.losses import IGNORE_INDEX, indicated_weighted_cross_entropy
 from mixsup.training.models.lazy import (
     DETECTION,
@@ -59,8 +62,6 @@ from mixsup.training.recipes.base import (
     Recipe,
     unwrap,
 )
-from scipy import ndimage
-from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
     from mixsup.training.trainer import TrainConfig

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+from scipy import ndimage
+from torch import nn
+
 from mixsup.training.losses import anchor_detection_loss, soft_dice_loss
 from mixsup.training.models.msdn import (
     MSDN,
@@ -34,8 +37,6 @@ from mixsup.training.models.msdn import (
     image_anchors,
 )
 from mixsup.training.recipes.base import STRONG, WEAK, Batch, Recipe, unwrap
-from scipy import ndimage
-from torch import nn
 
 NAME = "msdn"
 #: Classes of the segmentation Dice loss (liver, lesion), as in the other recipes.

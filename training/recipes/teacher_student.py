@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from mixsup.training.data.dataset import AIR_HU, stack_indices
 from mixsup.training.losses import one_hot_targets, segmentation_localization_loss
 from mixsup.training.models.teacher_student import StudentUNet, TeacherUNet
@@ -33,7 +35,6 @@ from mixsup.training.recipes.base import (
     Recipe,
     unwrap,
 )
-from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
     from mixsup.training.trainer import StageContext, TrainConfig

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping
 
 import torch
+from torch import nn
+
 from mixsup.training.losses import ce_dice_loss
 from mixsup.training.models.unet import UNet, UNetConfig
 from mixsup.training.recipes.base import STRONG, Batch, Recipe
-from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
     from mixsup.training.trainer import TrainConfig
