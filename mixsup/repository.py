@@ -50,6 +50,10 @@ from {module} import TritonPythonModel  # noqa: F401
 # protobuf text blocks
 
 
+#: A file that keeps the ensemble's otherwise empty version folder in version control.
+ENSEMBLE_VERSION_NOTE = "EMPTY_ON_PURPOSE.txt"
+
+
 def pbtxt_string(text: str) -> str:
     """A protobuf text-format string literal."""
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -273,7 +277,11 @@ def write_ensemble(
         {LABELS_OUTPUT: LABELS_OUTPUT, NETWORK_OUTPUT: NETWORK_OUTPUT},
     ))
     ensemble_dir = repository / name
-    (ensemble_dir / VERSION).mkdir(parents=True, exist_ok=True)  # Triton wants a version folder, even empty
+    # Triton needs the ensemble's version folder to exist; a file in it keeps the folder when the repository
+    # goes through git, which drops empty folders (a fresh clone then failed to load 'segment').
+    (ensemble_dir / VERSION).mkdir(parents=True, exist_ok=True)
+    (ensemble_dir / VERSION / ENSEMBLE_VERSION_NOTE).write_text(
+        "This version folder of a Triton ensemble is empty on purpose; the steps live in ../config.pbtxt.\n")
     (ensemble_dir / "config.pbtxt").write_text(ensemble_config(
         name,
         inputs=[(VOLUME_INPUT, "TYPE_INT16", [-1, -1, -1])],

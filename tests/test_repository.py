@@ -163,3 +163,17 @@ def test_missing_onnx(tmp_path, contract):
 def test_adapter_modules_exist():
     for module in ("network", "window", "fuse"):
         assert importlib.util.find_spec(f"mixsup.serving.triton.{module}") is not None
+
+
+def test_repository_survives_version_control(tmp_path, onnx_file, contract):
+    """git keeps files, not folders: every version folder Triton needs must hold a file."""
+    written, shipped = tmp_path / "written", tmp_path / "shipped"
+    write_network(written, "a", onnx_file, contract)
+    write_ensemble(written)
+    for path in written.rglob("*"):
+        if path.is_file():
+            target = shipped / path.relative_to(written)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    for model in ["a", "a_window", "fuse", "segment"]:
+        assert (shipped / model / "1").is_dir(), model
