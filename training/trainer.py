@@ -27,12 +27,12 @@ from tqdm import tqdm
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError
 from mixsup.files import atomic_path
+from mixsup.stacks import slice_stack_indices
 from mixsup.training.data.dataset import (
     Augmentation,
     SliceSampler,
     Volume,
     load_volume,
-    stack_indices,
 )
 from mixsup.training.data.manifest import Manifest
 from mixsup.training.recipes.base import STRONG, Recipe
@@ -198,10 +198,10 @@ def predict_volume(logits_fn: Callable[..., torch.Tensor], hu: np.ndarray, boxes
     padded = np.pad(hu, pad, constant_values=-1024).astype(np.float32)
     padded_boxes = None if boxes is None else np.pad(boxes, ((0, 0), *pad)).astype(np.float32)
     labels = np.empty(hu.shape, dtype=np.uint8)
+    stacks_of = slice_stack_indices(depth, context_slices)
     for start in range(0, depth, batch_size):
         stop = min(depth, start + batch_size)
-        stacks = torch.from_numpy(np.stack([padded[stack_indices(depth, z, context_slices)]
-                                            for z in range(start, stop)])).to(device)
+        stacks = torch.from_numpy(padded[stacks_of[start:stop]]).to(device)
         if padded_boxes is None:
             logits = logits_fn(stacks)
         else:

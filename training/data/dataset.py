@@ -15,6 +15,7 @@ import torch
 from scipy import ndimage
 
 from mixsup.resample import inplane_shape, resample_inplane
+from mixsup.stacks import slice_stack_indices
 from mixsup.training.data.boxes import Box, boxes_to_mask
 from mixsup.training.data.manifest import Case, case_boxes, load_case
 from mixsup.training.data.phantoms import LESION, LIVER
@@ -97,12 +98,6 @@ class Augmentation:
                    hu_scale=(1.0, 1.0), hu_shift=(0.0, 0.0), noise_std=(0.0, 0.0), blur_sigma=(0.0, 0.0))
 
 
-def stack_indices(depth: int, center: int, context_slices: int) -> np.ndarray:
-    """Indices of the slices stacked around ``center``, edge slices replicated (as the serving tiler does)."""
-    half = context_slices // 2
-    return np.clip(np.arange(center - half, center + half + 1), 0, depth - 1)
-
-
 def random_crop_transform(center_yx: Sequence[float], crop: int, rng: np.random.Generator,
                           aug: Augmentation) -> tuple[np.ndarray, np.ndarray]:
     """Matrix and offset (scipy's output -> input convention) of a ``crop x crop`` window around ``center_yx``
@@ -172,7 +167,7 @@ class SliceSampler:
     def sample(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         volume = self.volumes[rng.integers(len(self.volumes))]
         z, center = self._center(volume, rng)
-        indices = stack_indices(volume.hu.shape[0], z, self.context_slices)
+        indices = slice_stack_indices(volume.hu.shape[0], self.context_slices)[z]
         if rng.random() < self.augmentation.reverse_slices:
             indices = indices[::-1]
         transform = random_crop_transform(center, self.crop, rng, self.augmentation)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixsup.training.data.dataset import AIR_HU, stack_indices
+from mixsup.stacks import slice_stack_indices
+from mixsup.training.data.dataset import AIR_HU
 from mixsup.training.losses import one_hot_targets, segmentation_localization_loss
 from mixsup.training.models.teacher_student import StudentUNet, TeacherUNet
 from mixsup.training.models.unet import UNetConfig
@@ -83,7 +84,7 @@ def pseudo_labels(teacher: nn.Module, hu: np.ndarray, boxes: np.ndarray, batch_s
         chunks = []
         for start in range(0, depth, batch_slices):
             centres = range(start, min(depth, start + batch_slices))
-            stacks = np.stack([padded_hu[stack_indices(depth, z, context_slices)] for z in centres])
+            stacks = padded_hu[slice_stack_indices(depth, context_slices)[centres]]
             box_masks = np.stack([padded_boxes[:, z] for z in centres])
             logits = teacher(torch.from_numpy(stacks).to(device), torch.from_numpy(box_masks).to(device))
             probabilities = torch.softmax(logits.float(), dim=1)[:, :, :height, :width]

@@ -1,0 +1,17 @@
+"""The 2.5D input: which slices form each slice's stack. Training and serving must agree on this exactly."""
+from __future__ import annotations
+
+import numpy as np
+
+from mixsup.errors import InputError
+
+
+def slice_stack_indices(depth: int, context_slices: int = 3) -> np.ndarray:
+    """Slice indices [depth, context_slices] of each slice's stack: d-k..d+k, clipped so edges replicate."""
+    if depth < 1:
+        raise InputError(f"a volume needs at least one slice, got depth {depth}")
+    if context_slices < 1 or context_slices % 2 != 1:
+        raise ValueError(f"context_slices must be a positive odd number, got {context_slices}")
+    half = context_slices // 2
+    offsets = np.arange(-half, half + 1)
+    return np.clip(np.arange(depth)[:, None] + offsets[None, :], 0, depth - 1)
