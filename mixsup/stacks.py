@@ -5,6 +5,9 @@ import numpy as np
 
 from mixsup.errors import InputError
 
+#: What a network sees beyond the scan's edge, in training crops and serving tiles alike: air.
+AIR_HU = -1024.0
+
 
 def slice_stack_indices(depth: int, context_slices: int = 3) -> np.ndarray:
     """Slice indices [depth, context_slices] of each slice's stack: d-k..d+k, clipped so edges replicate."""

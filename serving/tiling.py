@@ -17,10 +17,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from mixsup.errors import InputError
-from mixsup.stacks import slice_stack_indices
-
-#: Air in Hounsfield units: what the scanner would have seen outside the reconstructed field of view.
-AIR_HU = -1024.0
+from mixsup.stacks import AIR_HU, slice_stack_indices
 
 Position = tuple[int, int, int]
 

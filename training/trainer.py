@@ -27,7 +27,7 @@ from tqdm import tqdm
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError
 from mixsup.files import atomic_path
-from mixsup.stacks import slice_stack_indices
+from mixsup.stacks import AIR_HU, slice_stack_indices
 from mixsup.training.data.dataset import (
     Augmentation,
     SliceSampler,
@@ -195,7 +195,7 @@ def predict_volume(logits_fn: Callable[..., torch.Tensor], hu: np.ndarray, boxes
     """
     depth, height, width = hu.shape
     pad = ((0, 0), (0, (-height) % size_divisor), (0, (-width) % size_divisor))
-    padded = np.pad(hu, pad, constant_values=-1024).astype(np.float32)
+    padded = np.pad(hu, pad, constant_values=AIR_HU).astype(np.float32)
     padded_boxes = None if boxes is None else np.pad(boxes, ((0, 0), *pad)).astype(np.float32)
     labels = np.empty(hu.shape, dtype=np.uint8)
     stacks_of = slice_stack_indices(depth, context_slices)

@@ -15,13 +15,11 @@ import torch
 from scipy import ndimage
 
 from mixsup.resample import inplane_shape, resample_inplane
-from mixsup.stacks import slice_stack_indices
+from mixsup.stacks import AIR_HU, slice_stack_indices
 from mixsup.training.data.boxes import Box, boxes_to_mask
 from mixsup.training.data.manifest import Case, case_boxes, load_case
 from mixsup.training.data.phantoms import LESION, LIVER
 from mixsup.training.recipes.base import STRONG, UNLABELED, Batch
-
-AIR_HU = -1024
 
 
 @dataclass

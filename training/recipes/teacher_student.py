@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixsup.stacks import slice_stack_indices
-from mixsup.training.data.dataset import AIR_HU
+from mixsup.stacks import AIR_HU, slice_stack_indices
 from mixsup.training.losses import one_hot_targets, segmentation_localization_loss
 from mixsup.training.models.teacher_student import StudentUNet, TeacherUNet
 from mixsup.training.models.unet import UNetConfig
