@@ -27,12 +27,11 @@ from mixsup.clients.pipeline import (
     prepare_volume,
     restore_labels,
     restore_probabilities,
-    to_int16_hu,
 )
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError, MixsupError, ServerUnavailable
 from mixsup.postprocess import postprocess_labels
-from mixsup.scan import Scan
+from mixsup.scan import Scan, to_int16_hu
 
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_MODEL = "segment"

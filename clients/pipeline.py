@@ -12,15 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from mixsup.contract import ModelContract
-from mixsup.errors import InputError, MixsupError
+from mixsup.errors import MixsupError
 from mixsup.resample import inplane_shape, resample_inplane
-from mixsup.scan import Scan
+from mixsup.scan import Scan, to_int16_hu
 
 #: Resample only when the scan's in-plane spacing differs from the model's by more than this fraction: below it
 #: the interpolation blur costs more than the tiny scale mismatch (0.78 vs 0.79 mm is the same anatomy).
 SPACING_TOLERANCE = 0.01
 
-_INT16 = np.iinfo(np.int16)
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,19 +46,6 @@ class Restore:
 def needs_resampling(spacing_hw: tuple[float, float], target_spacing_hw: tuple[float, float]) -> bool:
     """Whether in-plane ``spacing_hw`` differs from ``target_spacing_hw`` by more than :data:`SPACING_TOLERANCE`."""
     return any(abs(s - t) > SPACING_TOLERANCE * t for s, t in zip(spacing_hw, target_spacing_hw))
-
-
-def to_int16_hu(volume: np.ndarray) -> np.ndarray:
-    """Round and clip HU values to int16 (the ``volume`` input's type); non-finite values are bad input."""
-    if volume.dtype == np.int16:
-        return np.ascontiguousarray(volume)
-    if np.issubdtype(volume.dtype, np.floating):
-        if not np.all(np.isfinite(volume)):
-            raise InputError("the scan contains NaN or infinite voxel values")
-        volume = np.rint(volume)
-    elif not np.issubdtype(volume.dtype, np.integer) and volume.dtype != bool:
-        raise InputError(f"the scan's voxels have type {volume.dtype}, expected numbers (HU)")
-    return np.ascontiguousarray(np.clip(volume, _INT16.min, _INT16.max).astype(np.int16))
 
 
 def prepare_volume(scan: Scan, contract: ModelContract) -> tuple[np.ndarray, Restore]:

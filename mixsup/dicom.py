@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mixsup.errors import InputError
-from mixsup.scan import Scan
+from mixsup.scan import Scan, to_int16_hu
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -68,5 +68,4 @@ def read_dicom_series(folder: str | Path) -> Scan:
     shapes = {s.shape for s in slices}
     if len(shapes) != 1:
         raise InputError(f"{folder}: DICOM slices differ in size: {sorted(shapes)}")
-    voxels = np.clip(np.rint(np.stack(slices, axis=-1)), -32768, 32767).astype(np.int16)
-    return Scan(voxels=voxels, affine=_LPS_TO_RAS @ affine_lps, source=str(folder))
+    return Scan(voxels=to_int16_hu(np.stack(slices, axis=-1)), affine=_LPS_TO_RAS @ affine_lps, source=str(folder))

@@ -74,6 +74,22 @@ class Scan:
         return np.ascontiguousarray(out)
 
 
+_INT16 = np.iinfo(np.int16)
+
+
+def to_int16_hu(volume: np.ndarray) -> np.ndarray:
+    """Round and clip HU values to int16 (the ``volume`` input's type); non-finite values are bad input."""
+    if volume.dtype == np.int16:
+        return np.ascontiguousarray(volume)
+    if np.issubdtype(volume.dtype, np.floating):
+        if not np.all(np.isfinite(volume)):
+            raise InputError("the scan contains NaN or infinite voxel values")
+        volume = np.rint(volume)
+    elif not np.issubdtype(volume.dtype, np.integer) and volume.dtype != bool:
+        raise InputError(f"the scan's voxels have type {volume.dtype}, expected numbers (HU)")
+    return np.ascontiguousarray(np.clip(volume, _INT16.min, _INT16.max).astype(np.int16))
+
+
 def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 

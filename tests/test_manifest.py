@@ -155,6 +155,15 @@ def test_float_volumes_become_int16_hu(tmp_path):
     assert np.array_equal(loaded, volume.transpose(2, 1, 0))
 
 
+def test_non_finite_volumes_are_input_errors(tmp_path):
+    volume, _ = tiny_case(2)
+    corrupt = volume.astype(np.float32)
+    corrupt[0, 0, 0] = np.nan
+    write_nifti(tmp_path / "volume-0.nii", corrupt, LPS_AFFINE)
+    with pytest.raises(InputError, match="NaN"):
+        load_case(load_dataset(tmp_path).cases[0])
+
+
 @pytest.mark.parametrize("names, message", [((), "no volume-N"), (("segmentation-4.nii",), "no matching volume-4"),
                                             (("volume-4.nii", "volume-4.nii.gz"), "keep one")])
 def test_bad_lits_folders_are_input_errors(tmp_path, names, message):

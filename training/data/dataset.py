@@ -15,6 +15,7 @@ import torch
 from scipy import ndimage
 
 from mixsup.resample import inplane_shape, resample_inplane
+from mixsup.scan import to_int16_hu
 from mixsup.stacks import AIR_HU, slice_stack_indices
 from mixsup.training.data.boxes import Box, boxes_to_mask
 from mixsup.training.data.manifest import Case, case_boxes, load_case
@@ -68,7 +69,7 @@ def load_volume(case: Case, spacing_mm: Sequence[float]) -> Volume:
     boxes = case_boxes(case, labels, hu.shape) if kind != UNLABELED else None
     masks = box_masks(boxes, hu.shape)
     out_hw = inplane_shape(hu.shape[1:], spacing[1:], spacing_mm)
-    hu = np.clip(np.rint(resample_inplane(hu.astype(np.float32), out_hw, order=1)), -32768, 32767).astype(np.int16)
+    hu = to_int16_hu(resample_inplane(hu.astype(np.float32), out_hw, order=1))
     labels = None if labels is None else resample_inplane(labels, out_hw, order=0)
     return Volume(hu=hu, labels=labels, boxes=resample_inplane(masks, out_hw, order=0), kind=kind, case=case.case)
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from mixsup.errors import InputError
 from mixsup.files import atomic_path
-from mixsup.scan import Scan, read_nifti
+from mixsup.scan import Scan, read_nifti, to_int16_hu
 from mixsup.training.data.boxes import Box, boxes_from_labels, load_boxes
 
 MANIFEST_FILENAME = "manifest.json"
@@ -281,9 +281,7 @@ def find_mask(root: str | os.PathLike, case: Case, hidden_dirs: tuple[str, ...] 
 def canonical_hu(scan: Scan) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A CT on the canonical grid as int16 HU (scaled/float files are rounded and clipped)."""
     voxels, spacing = scan.canonical()
-    if voxels.dtype != np.int16:
-        voxels = np.clip(np.rint(voxels), -32768, 32767).astype(np.int16)
-    return voxels, spacing
+    return to_int16_hu(voxels), spacing
 
 
 def load_case(case: Case, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
