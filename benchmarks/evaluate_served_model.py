@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from foreign_phantoms import make_foreign_case  # noqa: E402
+from triton_utils import start_serve, stop_serve  # noqa: E402
 
 from mixsup.metrics import GlobalDice, dice  # noqa: E402
 from mixsup.scan import read_nifti, write_nifti  # noqa: E402
@@ -39,28 +37,11 @@ from mixsup.scan import read_nifti, write_nifti  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(repository: Path, log: Path) -> tuple[subprocess.Popen, str, float]:
-    grpc, http, metrics = free_port(), free_port(), free_port()
+def start_server(repository: Path, log_dir: Path) -> tuple[object, str, float]:
+    """mixsup-serve on free ports (the test suite's launcher helper); returns it, its gRPC URL, seconds to ready."""
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [str(BIN / "mixsup-serve"), "--model-repository", str(repository), "--grpc-port", str(grpc),
-         "--http-port", str(http), "--metrics-port", str(metrics), "--log-file", str(log)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"mixsup-serve exited {process.returncode}: {process.stdout.read()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1) as response:
-                if response.status == 200:
-                    return process, f"127.0.0.1:{grpc}", time.perf_counter() - started
-        except OSError:
-            time.sleep(0.1)
+    process, grpc_url, _ = start_serve(repository, log_dir=log_dir)
+    return process, grpc_url, time.perf_counter() - started
 
 
 def segment_with_cli(scan: Path, out: Path, url: str) -> float:
@@ -139,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        server, url, ready_seconds = start_server(args.repository, work / "triton.log")
+        server, url, ready_seconds = start_server(args.repository, work)
         try:
             results = {"repository": str(args.repository), "start_to_ready_s": round(ready_seconds, 2)}
             results["own_phantoms_40x256x256"] = evaluate(
@@ -160,8 +141,7 @@ def main() -> None:
                     "served_runs_s": [round(r, 2) for r in served], "in_process_runs_s": [round(r, 2) for r in peer]}
             results["end_to_end_cli_seconds"] = timing
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=60)
+            stop_serve(server)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
