@@ -259,6 +259,9 @@ def test_recipe_defaults_are_the_papers():
     overridden = dataclasses.replace(config, options={"alpha": 0.25, "weight_lesion": 2.0})
     assert RECIPE.option(overridden, "alpha") == 0.25
     assert RECIPE.class_weights(overridden).tolist() == pytest.approx([0.1, 0.1, 2.0])
+    assert RECIPE.epochs("teacher", config) == RECIPE.epochs("student", config) == config.epochs
+    own = dataclasses.replace(config, options={"teacher_epochs": 5})
+    assert (RECIPE.epochs("teacher", own), RECIPE.epochs("student", own)) == (5, config.epochs)
     student = RECIPE.build(overridden)["student"]
     assert not hasattr(student, "alpha") and not hasattr(student, "class_weights")  # the step reads the config
 
@@ -308,11 +311,13 @@ def test_tiny_run_trains_both_stages_and_exports(tmp_path, monkeypatch):
     data, run, repository = tmp_path / "data", tmp_path / "run", tmp_path / "repo"
     assert data_main(["phantoms", str(data), "--n", "6", "--seed", "3", "--shape", "16", "96", "96",
                       "--weak-fraction", "0.5", "-q"]) == 0
-    assert train_main([RECIPE.NAME, "--data", str(data), "--out", str(run), "--preset", "tiny", "--no-progress"]) == 0
+    # More teacher epochs than the run's 2: its learning-rate schedule must span its own epochs, or it overruns.
+    assert train_main([RECIPE.NAME, "--data", str(data), "--out", str(run), "--preset", "tiny", "--no-progress",
+                       "--set", "teacher_epochs=3"]) == 0
     payload = load_checkpoint(run / "best.pt")
     assert payload["recipe"] == RECIPE.NAME and payload["stage"] == 1  # best.pt comes from the student stage
     history = load_checkpoint(run / "last.pt")["history"]
-    assert [row["stage"] for row in history] == ["teacher"] * 2 + ["student"] * 2
+    assert [row["stage"] for row in history] == ["teacher"] * 3 + ["student"] * 2
     written = sorted(path.stem for path in (run / "pseudo_labels").glob("*.npy"))
     assert written == ["3", "4", "5"]  # the weak cases
     soft = np.load(run / "pseudo_labels" / "3.npy").astype(np.float32)

@@ -344,8 +344,9 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
     for stage_index, stage in enumerate(recipe.STAGES):
         if stage_index < state["stage"]:
             continue
+        epochs = recipe.epochs(stage, config)
         optimizers = recipe.optimizers(stage, modules, config)
-        schedulers = make_schedulers(optimizers, config.epochs * config.iterations_per_epoch)
+        schedulers = make_schedulers(optimizers, epochs * config.iterations_per_epoch)
         if resumed is not None and resumed["stage"] == stage_index:
             for name, optimizer in optimizers.items():
                 optimizer.load_state_dict(resumed["optimizers"][name])
@@ -355,12 +356,12 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                     for kind in sizes}
         validator = recipe.validation_network(stage, modules)
 
-        for epoch in range(state["epoch"], config.epochs):
+        for epoch in range(state["epoch"], epochs):
             started = time.perf_counter()
             for module in modules.values():
                 module.train()
             losses: list[dict[str, float]] = []
-            steps = tqdm(range(config.iterations_per_epoch), desc=f"{stage} {epoch + 1}/{config.epochs}",
+            steps = tqdm(range(config.iterations_per_epoch), desc=f"{stage} {epoch + 1}/{epochs}",
                          disable=not (progress and parallel.is_main), leave=False)
             for _ in steps:
                 batches = {kind: samplers[kind].batch(rng, n).to(parallel.device) for kind, n in sizes.items()}

@@ -58,8 +58,8 @@ class Recipe:
     """
 
     NAME: str = ""
-    #: Stages run in order; each has its own epochs (``config.epochs`` unless the recipe says otherwise) and its
-    #: own checkpoint state, so a run interrupted in a later stage resumes there.
+    #: Stages run in order; each has its own epochs (:meth:`epochs`) and its own checkpoint state, so a run
+    #: interrupted in a later stage resumes there.
     STAGES: tuple[str, ...] = ("train",)
     #: The method's hyperparameters and their defaults; users override them with ``--set key=value``.
     DEFAULTS: dict[str, Any] = {}
@@ -67,6 +67,13 @@ class Recipe:
     def option(self, config: "TrainConfig", key: str) -> Any:
         """A hyperparameter of this method: the user's value if given, else the default."""
         return config.options.get(key, self.DEFAULTS[key])
+
+    def epochs(self, stage: str, config: "TrainConfig") -> int:
+        """Epochs of ``stage``: the method's ``<stage>_epochs`` option where it has one set above 0, else
+        ``config.epochs`` (so ``--set epochs=N`` still scales every stage of a run)."""
+        key = f"{stage}_epochs"
+        own = int(self.option(config, key)) if key in self.DEFAULTS else 0
+        return own if own > 0 else config.epochs
 
     def build(self, config: "TrainConfig") -> nn.ModuleDict:
         """Every network of the method, by name (e.g. ``{"segmentation": ..., "detection": ...}``)."""

@@ -104,6 +104,8 @@ class TeacherStudentRecipe(Recipe):
         "weight_liver": 0.1,
         "weight_lesion": 1.0,
         "weak_fraction": 0.5,         # share of each student batch drawn from pseudo-labelled weak cases
+        "teacher_epochs": 0,          # 0: config.epochs
+        "student_epochs": 0,
     }
 
     def class_weights(self, config: "TrainConfig") -> torch.Tensor:
