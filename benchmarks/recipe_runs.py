@@ -1,10 +1,11 @@
 """Wall time and validation Dice of every recipe at a preset, on one phantom folder with mixed supervision.
 
 Usage: python benchmarks/recipe_runs.py --preset tiny [--n 6 --shape 16 96 96] [--recipes unet msdn ...]
-       [--set key=value ...] [--out results.json]
+       [--set key=value ...] [--work DIR] [--out results.json]
 
 Writes phantoms (a third weak, a sixth unlabeled), trains each recipe with ``mixsup-train`` in a fresh process,
-and reports seconds, the best validation liver / lesion Dice from its log.csv, and the epochs run.
+and reports seconds, the best validation liver / lesion Dice from its log.csv, and the epochs run. With
+``--work DIR`` the phantoms and runs (``DIR/<recipe>/best.pt``) are kept for ``evaluate_recipes.py``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -43,11 +45,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--recipes", nargs="*")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--work", type=Path, help="keep phantoms and runs here (default: a temporary folder)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from mixsup.training.recipes import RECIPES
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with nullcontext(str(args.work)) if args.work else tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         subprocess.run([str(BIN / "mixsup-data"), "phantoms", str(data), "--n", str(args.n), "--seed", str(args.seed),
                         "--shape", *map(str, args.shape), "--weak-fraction", "0.34", "--unlabeled-fraction", "0.17",
