@@ -274,12 +274,11 @@ class StageContext:
         return self.volumes_by_kind.get(kind, [])
 
     def save_soft_labels(self, case: str, probabilities: np.ndarray) -> Path:
-        """Keep per-class probabilities float16 [C,D,H,W] for ``case``: on disk (so a resumed run has them) and
-        on the volume (so the next stage samples them)."""
+        """Keep per-class probabilities float16 [C,D,H,W] for ``case`` on disk, where a resumed run finds them;
+        after the stage every rank attaches them to its volumes (:func:`attach_soft_labels`)."""
         path = self.out / PSEUDO_LABELS_DIR / f"{case}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, probabilities.astype(np.float16))
-        attach_soft_labels(self.volumes_by_kind, self.out)
         return path
 
 
@@ -374,12 +373,10 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
             if parallel.is_main:
                 for module in modules.values():
                     module.eval()
-                if validator is None:
-                    pairs = [(predict_volume(segmentation, v.hu, size_divisor=2**config.depth, device=parallel.device),
-                              v.labels) for v in validation]
-                else:
-                    pairs = [(predict_volume(validator, v.hu, v.boxes, size_divisor=2**config.depth,
-                                             device=parallel.device), v.labels) for v in validation]
+                scored = segmentation if validator is None else validator
+                pairs = [(predict_volume(scored, v.hu, None if validator is None else v.boxes,
+                                         size_divisor=2**config.depth, device=parallel.device), v.labels)
+                         for v in validation]
                 scores = dice_scores(pairs) if pairs else {"dice_liver": float("nan"), "dice_lesion": float("nan")}
                 mean_losses = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}
                 row = {"stage": stage, "epoch": epoch + 1, "train_loss": mean_losses.pop("loss"), **scores,
