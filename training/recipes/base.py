@@ -110,6 +110,12 @@ class Recipe:
         """Runs once when ``stage`` finishes (rank 0 first, then all ranks wait), e.g. to write pseudo-labels."""
 
 
+def mixed_batch_sizes(batch_size: int, weak_fraction: float) -> dict[str, int]:
+    """Strong and weak crops of one step: ``weak_fraction`` of ``batch_size`` weak (rounded), at least one strong."""
+    weak = min(max(int(round(batch_size * weak_fraction)), 0), batch_size - 1)
+    return {STRONG: batch_size - weak, WEAK: weak} if weak else {STRONG: batch_size}
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper, or the module itself."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module

@@ -60,6 +60,7 @@ from mixsup.training.recipes.base import (
     WEAK,
     Batch,
     Recipe,
+    mixed_batch_sizes,
     unwrap,
 )
 
@@ -304,9 +305,7 @@ class LazyRecipe(Recipe):
         return nn.ModuleDict({"network": network})
 
     def batch_sizes(self, stage: str, config: "TrainConfig") -> dict[str, int]:
-        weak = int(round(config.batch_size * float(self.option(config, "weak_fraction"))))
-        weak = min(max(weak, 0), config.batch_size - 1)  # at least one strong crop per step
-        return {STRONG: config.batch_size - weak, WEAK: weak} if weak else {STRONG: config.batch_size}
+        return mixed_batch_sizes(config.batch_size, float(self.option(config, "weak_fraction")))
 
     @staticmethod
     def losses(network: nn.Module, batches: Mapping[str, Batch], settings: LazySettings) -> dict[str, torch.Tensor]:

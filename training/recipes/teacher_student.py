@@ -33,6 +33,7 @@ from mixsup.training.recipes.base import (
     WEAK,
     Batch,
     Recipe,
+    mixed_batch_sizes,
     unwrap,
 )
 
@@ -126,9 +127,7 @@ class TeacherStudentRecipe(Recipe):
     def batch_sizes(self, stage: str, config: "TrainConfig") -> dict[str, int]:
         if stage == "teacher":
             return {STRONG: config.batch_size}
-        weak = int(round(config.batch_size * float(self.option(config, "weak_fraction"))))
-        weak = min(max(weak, 0), config.batch_size - 1)  # at least one strong crop per step
-        return {STRONG: config.batch_size - weak, WEAK: weak} if weak else {STRONG: config.batch_size}
+        return mixed_batch_sizes(config.batch_size, float(self.option(config, "weak_fraction")))
 
     def train_step(self, stage: str, modules: Mapping[str, nn.Module], batches: Mapping[str, Batch],
                    optimizers: Mapping[str, torch.optim.Optimizer], config: "TrainConfig") -> dict[str, float]:
