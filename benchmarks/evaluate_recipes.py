@@ -1,9 +1,9 @@
 """Held-out Dice of trained recipes through the served stack: each recipe alone, then all as one ensemble.
 
-Exports every ``RUNS/<recipe>/best.pt`` with ``mixsup-export`` into its own model repository (and each into one
-shared repository, whose ``segment`` ensemble averages them all), serves each repository with ``mixsup-serve`` and
-segments held-out phantoms with ``mixsup-client segment``, post-processing included: the same measurement
-``evaluate_served_model.py`` makes of the bundled model, on the same held-out seeds.
+Exports every ``RUNS/<recipe>/best.pt`` with ``mixsup-export`` into its own model repository (and copies each
+into one shared repository, whose ``segment`` ensemble averages them all), serves each repository with
+``mixsup-serve`` and segments held-out phantoms with ``mixsup-client segment``, post-processing included: the same
+measurement ``evaluate_served_model.py`` makes of the bundled model, on the same held-out seeds.
 
 Usage: python benchmarks/evaluate_recipes.py RUNS [--cases 6] [--seed 90210] [--out FILE.json]
 (``python benchmarks/recipe_runs.py --work RUNS ...`` trains the runs.)
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from evaluate_served_model import BIN, evaluate, foreign_phantoms, own_phantoms, start_server
 from triton_utils import stop_serve
+
+from mixsup.repository import window_name, write_ensemble
 
 
 def export_run(checkpoint: Path, repository: Path, name: str) -> None:
@@ -59,11 +62,14 @@ def main() -> None:
         repositories = {}
         for run in runs:
             name = run.name.replace("-", "_")  # a Python-backend model name, like the exported members
-            export_run(run / "best.pt", work / "alone" / name, name)
-            repositories[run.name] = work / "alone" / name
+            alone = work / "alone" / name
+            export_run(run / "best.pt", alone, name)
+            repositories[run.name] = alone
             if not args.no_ensemble:
-                export_run(run / "best.pt", work / "ensemble", name)
+                for model in (name, window_name(name)):
+                    shutil.copytree(alone / model, work / "ensemble" / model)
         if not args.no_ensemble and len(runs) > 1:
+            write_ensemble(work / "ensemble")
             repositories["ensemble of " + " + ".join(run.name for run in runs)] = work / "ensemble"
         for label, repository in repositories.items():
             results[label] = serve_and_score(repository, cases, work)
