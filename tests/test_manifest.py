@@ -13,8 +13,10 @@ from mixsup.training.data.manifest import (
     Case,
     Manifest,
     case_boxes,
+    lesion_components,
     load_case,
     load_dataset,
+    read_case,
     write_manifest,
 )
 
@@ -91,6 +93,46 @@ def test_manifest_round_trip_and_hash(lits_folder):
     (lits_folder / "manifest.json").write_text(json.dumps(document))
     changed = load_dataset(lits_folder)
     assert [c.case for c in changed.strong()] == ["3"] and changed.sha256() != manifest.sha256()
+
+
+def test_cases_without_instances_get_each_slices_lesion_components(lits_folder):
+    """Real LiTS folders have no instances file: every lesion component of a slice is its own instance."""
+    case = load_dataset(lits_folder).strong()[0]
+    assert case.instances is None
+    data = read_case(case)
+    assert data.instances.dtype == np.int32 and np.array_equal(data.instances > 0, data.labels == 2)
+    for z in range(data.labels.shape[0]):
+        assert np.array_equal(data.instances[z] > 0, lesion_components(data.labels[z]) > 0)
+    two = np.zeros((2, 6, 6), dtype=np.uint8)
+    two[0, 1:3, 1:3] = two[0, 4:6, 4:6] = two[1, 1:3, 1:3] = 2  # two apart in slice 0, one in slice 1
+    components = lesion_components(two)
+    assert len(np.unique(components[0])) == 3 and len(np.unique(components[1])) == 2
+    assert set(np.unique(components[1])) - {0} != set(np.unique(components[0])) - {0}  # ids unique over slices
+
+
+def test_instances_file_is_read_on_the_volume_grid_and_checked(lits_folder):
+    volume, labels = tiny_case(3)
+    instances = np.where(labels == 2, 4, 0).astype(np.uint16)
+    instances[4, 3:5, 2] = 9  # a second lesion touching the first: one component, two ids
+    write_nifti(lits_folder / "instances-3.nii", instances, LPS_AFFINE)
+    manifest = load_dataset(lits_folder)  # LiTS naming: the instances file beside the mask is picked up
+    case = manifest.strong()[0]
+    assert case.instances == "instances-3.nii" and manifest.strong()[1].instances is None
+    assert np.array_equal(read_case(case).instances, instances.transpose(2, 1, 0))
+    write_manifest(manifest)
+    document = json.loads((lits_folder / "manifest.json").read_text())
+    assert document["cases"][0]["instances"] == "instances-3.nii" and "instances" not in document["cases"][2]
+    assert load_dataset(lits_folder).cases == manifest.cases
+
+    write_nifti(lits_folder / "instances-3.nii", np.where(labels > 0, 1, 0).astype(np.uint16), LPS_AFFINE)
+    with pytest.raises(InputError, match="case 3: instances must be"):
+        read_case(case)
+    write_nifti(lits_folder / "instances-3.nii", instances, np.diag([-0.8, -0.8, 3.0, 1.0]))
+    with pytest.raises(InputError, match="case 3: instances affine"):
+        read_case(case)
+    _write_manifest_cases(lits_folder, [Case("7", "volume-7.nii", None, None, "unlabeled", instances="instances-3.nii")])
+    with pytest.raises(InputError, match="case 7: \"instances\" belongs to cases with a segmentation"):
+        load_dataset(lits_folder)
 
 
 def _write_manifest_cases(root, cases):

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from mixsup.scan import Scan, read_nifti
 from mixsup.training.data import cli
-from mixsup.training.data.manifest import load_case, load_dataset
+from mixsup.training.data.manifest import load_case, load_dataset, read_case
 from mixsup.training.data.phantoms import _Composer, draw_spacing, generate_phantom
 
 SHAPE = (12, 64, 64)
@@ -59,6 +59,22 @@ def test_lesions_lie_inside_the_liver_shape():
         phantom = composer.compose()
         assert not (composer.lesion & ~composer.liver).any(), seed
         assert np.array_equal(phantom.labels == 2, composer.lesion)
+
+
+def test_instances_give_every_lesion_its_own_id_and_touching_lesions_occur(phantoms):
+    """The generator records which lesion owns each lesion voxel, and some slices show lesions that touch (one
+    8-connected component of the mask holding two ids): the interfaces the lazy recipe learns."""
+    touching_cases = 0
+    for seed, phantom in phantoms.items():
+        assert phantom.instances.dtype == np.uint16 and phantom.instances.shape == SHAPE
+        assert np.array_equal(phantom.instances > 0, phantom.labels == 2), seed
+        touching = False
+        for z in range(SHAPE[0]):
+            components, count = ndimage.label(phantom.labels[z] == 2, structure=np.ones((3, 3)))
+            ids = {(c, i) for c, i in zip(components.ravel(), phantom.instances[z].ravel()) if c}
+            touching |= len(ids) > count
+        touching_cases += touching
+    assert touching_cases >= 2
 
 
 def test_lesion_load_varies_and_tiny_lesions_occur(phantoms):
@@ -147,6 +163,13 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
         if case.segmentation:
             assert np.array_equal(labels, expected.labels)
         assert (out / f"boxes/boxes-{index}.json").is_file()
+        # lesion instances beside every mask; the manifest references them for strong cases only
+        assert case.instances == (f"instances-{index}.nii.gz" if case.segmentation else None)
+        instances_scan = read_nifti(out / (case.instances or f"{cli.HIDDEN_DIR}/instances-{index}.nii.gz"))
+        assert instances_scan.voxels.dtype == np.uint16 and np.array_equal(instances_scan.affine, mask_scan.affine)
+        assert np.array_equal(instances_scan.canonical()[0], expected.instances)
+        if case.segmentation:
+            assert np.array_equal(read_case(case).instances, expected.instances)
     assert len(axcodes) > 1 and any(codes != ("R", "A", "S") for codes in axcodes)
 
 

@@ -260,3 +260,16 @@ def test_unusable_folders_exit_2(tmp_path, capsys, make):
     err = capsys.readouterr().err.strip()
     assert err.startswith("mixsup-data: error:") and len(err.splitlines()) == 1
     assert not (folder / "manifest.json").exists()
+
+
+def test_lesion_instances_travel_with_the_mask(phantoms):
+    """Every strong or test case keeps its lesion instances, also one whose mask was hidden (a weak phantom that
+    became strong); weak and unlabeled cases carry none, since their mask is out of training."""
+    assert split(phantoms, "--strong", "0.5", "--weak", "0.3", "--test", "0.2", "--seed", "2") == 0
+    manifest = load_dataset(phantoms)
+    with_mask = [c for c in manifest.cases if c.supervision in ("strong", "test")]
+    assert any(c.segmentation.startswith("hidden/") for c in with_mask)  # the case the fix is for
+    for case in with_mask:
+        assert case.instances == case.segmentation.replace("segmentation-", "instances-")
+        assert (phantoms / case.instances).is_file()
+    assert all(c.instances is None for c in manifest.cases if c.supervision in ("weak", "unlabeled"))

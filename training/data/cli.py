@@ -1,6 +1,8 @@
 """``mixsup-data``: make and manage training datasets.
 
-``mixsup-data phantoms OUT --n N`` writes N synthetic CT cases in LiTS naming with boxes files and a manifest.
+``mixsup-data phantoms OUT --n N`` writes N synthetic CT cases in LiTS naming with boxes files and a manifest,
+plus ``instances-N.nii.gz`` per case: the generator's lesion ids, which keep touching lesions apart (the manifest
+references it for strong cases; hidden cases keep theirs under ``hidden/``).
 Each NIfTI is stored in its own randomly drawn orthogonal orientation (RAS, LPS, LAS, permuted axes ...) with the
 affine composed so the world geometry is unchanged: every loader must get the same canonical phantom back.
 
@@ -31,6 +33,7 @@ from mixsup.training.data.manifest import (
     WEAK,
     Case,
     Manifest,
+    instances_path,
     validate_manifest,
     write_manifest,
 )
@@ -129,10 +132,12 @@ def write_phantom_case(
     origin = rng.uniform(-250.0, 250.0, 3)
     volume, affine = to_orientation(phantom.volume, canonical_affine(phantom.spacing, origin), axcodes)
     labels, _ = to_orientation(phantom.labels, canonical_affine(phantom.spacing, origin), axcodes)
+    instances, _ = to_orientation(phantom.instances, canonical_affine(phantom.spacing, origin), axcodes)
     name = str(index)
     write_nifti(out / f"volume-{name}.nii.gz", volume, affine)
-    mask_dir = out if supervision == STRONG else out / HIDDEN_DIR
-    write_nifti(mask_dir / f"segmentation-{name}.nii.gz", labels, affine)
+    mask_dir = "" if supervision == STRONG else HIDDEN_DIR
+    write_nifti(out / mask_dir / f"segmentation-{name}.nii.gz", labels, affine)
+    write_nifti(out / instances_path(name, mask_dir), instances, affine)
     boxes_rel = f"boxes/boxes-{name}.json"
     save_boxes(out / boxes_rel, boxes_from_labels(phantom.labels), phantom.labels.shape)
     case = Case(
@@ -142,6 +147,7 @@ def write_phantom_case(
         boxes=boxes_rel if supervision != UNLABELED else None,
         supervision=supervision,
         boxes_perturbed=False if supervision == WEAK else None,
+        instances=instances_path(name) if supervision == STRONG else None,
         root=out,
     )
     summary = (
@@ -204,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms = commands.add_parser(
         "phantoms", help="write synthetic CT phantoms in LiTS naming with boxes and a manifest",
         description="Write N synthetic abdominal CT phantoms (volume-N.nii.gz, segmentation-N.nii.gz, "
-                    "boxes/boxes-N.json, manifest.json). The last cases can be marked weak or unlabeled; their "
+                    "instances-N.nii.gz (one id per lesion), boxes/boxes-N.json, manifest.json). "
+                    "The last cases can be marked weak or unlabeled; their "
                     f"masks go to {HIDDEN_DIR}/ for evaluation only.")
     phantoms.add_argument("out", metavar="OUT", help="output folder")
     phantoms.add_argument("--n", type=int, required=True, help="number of cases")

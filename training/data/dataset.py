@@ -18,9 +18,9 @@ from mixsup.resample import inplane_shape, resample_inplane
 from mixsup.scan import to_int16_hu
 from mixsup.stacks import AIR_HU, slice_stack_indices
 from mixsup.training.data.boxes import Box, boxes_to_mask
-from mixsup.training.data.manifest import Case, case_boxes, load_case
+from mixsup.training.data.manifest import Case, case_boxes, read_case
 from mixsup.training.data.phantoms import LESION, LIVER
-from mixsup.training.recipes.base import STRONG, UNLABELED, Batch
+from mixsup.training.recipes.base import LESION_BOX, STRONG, UNLABELED, Batch
 
 
 @dataclass
@@ -29,7 +29,8 @@ class Volume:
 
     ``hu`` int16 [D,H,W]; ``labels`` uint8 [D,H,W] for strong cases, else None; ``boxes`` uint8 [2,D,H,W]
     filled organ-box and lesion-box masks (zeros where a case has no boxes); ``soft_labels`` float16 [C,D,H,W]
-    pseudo-labels a previous stage wrote, else None; ``sample_slices`` the slices worth sampling more often
+    pseudo-labels a previous stage wrote, else None; ``instances`` int32 [D,H,W] lesion instance ids (0 elsewhere)
+    beside ``labels``, so touching lesions stay apart, else None; ``sample_slices`` the slices worth sampling more often
     (those with organ or boxes).
     """
 
@@ -39,14 +40,23 @@ class Volume:
     kind: str = STRONG
     case: str = ""
     soft_labels: np.ndarray | None = None
+    instances: np.ndarray | None = None
     sample_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    lesion_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __post_init__(self) -> None:
         if not len(self.sample_slices):
-            marked = self.boxes.reshape(2, self.boxes.shape[1], -1).max(axis=(0, 2)) > 0
-            if self.labels is not None:
-                marked |= self.labels.reshape(self.labels.shape[0], -1).max(axis=1) > 0
-            self.sample_slices = np.flatnonzero(marked)
+            self.sample_slices = np.flatnonzero(self.marked(all_classes=True).any(axis=(1, 2)))
+        if not len(self.lesion_slices):
+            self.lesion_slices = np.flatnonzero(self.marked(all_classes=False).any(axis=(1, 2)))
+
+    def marked(self, all_classes: bool, z: int | slice = slice(None)) -> np.ndarray:
+        """Where slice(s) ``z`` show organ, lesion or a box (``all_classes``), or only lesion or a lesion box."""
+        boxes = self.boxes[:, z] if all_classes else self.boxes[LESION_BOX, z]
+        marked = boxes.max(axis=0) > 0 if all_classes else boxes > 0
+        if self.labels is not None:
+            marked = marked | (self.labels[z] > 0 if all_classes else self.labels[z] == LESION)
+        return marked
 
 
 def box_masks(boxes: Sequence[Box] | None, shape: Sequence[int]) -> np.ndarray:
@@ -60,18 +70,21 @@ def load_volume(case: Case, spacing_mm: Sequence[float]) -> Volume:
     """Read a case of any supervision kind and bring it in-plane to ``spacing_mm``.
 
     Strong cases keep their mask, weak cases their boxes, unlabeled cases only the image. Boxes are rasterised
-    on the scan's grid and resampled with the image, so they stay aligned at any spacing.
+    on the scan's grid and resampled with the image, so they stay aligned at any spacing. Lesion instances go with
+    the mask (from the case's instances file, else the connected components of its lesions).
     """
-    hu, labels, spacing = load_case(case)
+    data = read_case(case, with_instances=case.supervision == STRONG)
+    hu, labels, spacing, instances = data.volume, data.labels, data.spacing, data.instances
     kind = case.supervision
     if kind != STRONG:
-        labels = None
+        labels = instances = None
     boxes = case_boxes(case, labels, hu.shape) if kind != UNLABELED else None
     masks = box_masks(boxes, hu.shape)
     out_hw = inplane_shape(hu.shape[1:], spacing[1:], spacing_mm)
     hu = to_int16_hu(resample_inplane(hu.astype(np.float32), out_hw, order=1))
-    labels = None if labels is None else resample_inplane(labels, out_hw, order=0)
-    return Volume(hu=hu, labels=labels, boxes=resample_inplane(masks, out_hw, order=0), kind=kind, case=case.case)
+    labels, instances = (None if a is None else resample_inplane(a, out_hw, order=0) for a in (labels, instances))
+    return Volume(hu=hu, labels=labels, boxes=resample_inplane(masks, out_hw, order=0), kind=kind, case=case.case,
+                  instances=instances)
 
 
 @dataclass(frozen=True)
@@ -141,26 +154,31 @@ def perturb_intensity(image: np.ndarray, rng: np.random.Generator, aug: Augmenta
 class SliceSampler:
     """Draws random augmented 2.5D crops from in-memory volumes of one supervision kind.
 
-    ``foreground_fraction`` of the crops are centred near a marked pixel (organ, lesion or box) of a marked
-    slice; one random geometry is applied to the image, labels, box masks and soft labels alike.
+    ``lesion_fraction`` of the crops are centred near a lesion pixel (mask, or lesion box of a weak case) of a
+    volume that has one: lesions are a small share of the voxels and would otherwise be seen rarely (nnU-Net
+    forces a third of its crops onto foreground for the same reason). Of the rest, ``foreground_fraction`` are
+    centred near any marked pixel (organ, lesion or box), the others anywhere. One random geometry is applied to
+    the image, labels, box masks and soft labels alike.
     """
 
     volumes: list[Volume]
     crop: int
     context_slices: int = 3
     foreground_fraction: float = 0.8
+    lesion_fraction: float = 1.0 / 3.0
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def _center(self, volume: Volume, rng: np.random.Generator) -> tuple[int, tuple[float, float]]:
         depth, height, width = volume.hu.shape
-        if len(volume.sample_slices) and rng.random() < self.foreground_fraction:
-            z = int(rng.choice(volume.sample_slices))
-            marked = volume.boxes[:, z].max(axis=0) > 0
-            if volume.labels is not None:
-                marked |= volume.labels[z] > 0
-            ys, xs = np.nonzero(marked)
-            pick = rng.integers(len(ys))
-            return z, (ys[pick] + rng.normal(0, self.crop / 6), xs[pick] + rng.normal(0, self.crop / 6))
+        draw = rng.random()
+        for slices, all_classes, fraction in ((volume.lesion_slices, False, self.lesion_fraction),
+                                              (volume.sample_slices, True, self.foreground_fraction)):
+            if len(slices) and draw < fraction:
+                z = int(rng.choice(slices))
+                ys, xs = np.nonzero(volume.marked(all_classes, z))
+                pick = rng.integers(len(ys))
+                return z, (ys[pick] + rng.normal(0, self.crop / 6), xs[pick] + rng.normal(0, self.crop / 6))
+            draw = rng.random()
         return int(rng.integers(depth)), (rng.uniform(0, height), rng.uniform(0, width))
 
     def sample(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -175,6 +193,8 @@ class SliceSampler:
                 "boxes": warp_channels(volume.boxes[:, z], transform, self.crop, 0, 0)}
         if volume.labels is not None:
             crop["labels"] = warp_channels(volume.labels[z][None], transform, self.crop, 0, 0, np.uint8)[0]
+        if volume.instances is not None:
+            crop["instances"] = warp_channels(volume.instances[z][None], transform, self.crop, 0, 0, np.int32)[0]
         if volume.soft_labels is not None:
             soft = warp_channels(volume.soft_labels[:, z].astype(np.float32), transform, self.crop, 1, 0)
             soft[0] += 1.0 - soft.sum(axis=0)  # outside the scan is background; keeps each pixel summing to 1
@@ -183,7 +203,10 @@ class SliceSampler:
 
     def batch(self, rng: np.random.Generator, batch_size: int) -> Batch:
         crops = [self.sample(rng) for _ in range(batch_size)]
-        stacked = {key: torch.from_numpy(np.stack([c[key] for c in crops])) for key in crops[0]}
-        labels = stacked.get("labels")
+        # a key only some crops have (instances of volumes built without them) is left out: None means "unknown"
+        shared = [key for key in crops[0] if all(key in c for c in crops)]
+        stacked = {key: torch.from_numpy(np.stack([c[key] for c in crops])) for key in shared}
+        labels, instances = stacked.get("labels"), stacked.get("instances")
         return Batch(kind=self.volumes[0].kind, images=stacked["images"], boxes=stacked["boxes"],
-                     labels=None if labels is None else labels.long(), soft_labels=stacked.get("soft_labels"))
+                     labels=None if labels is None else labels.long(), soft_labels=stacked.get("soft_labels"),
+                     instances=None if instances is None else instances.long())

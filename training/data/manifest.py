@@ -4,9 +4,12 @@ Layout (``N`` is an integer; real LiTS downloads use ``.nii``, phantoms ``.nii.g
 
     volume-N.nii[.gz]          the CT
     segmentation-N.nii[.gz]    its mask (0 background, 1 liver, 2 lesion)
+    instances-N.nii[.gz]       optional lesion instance ids on the mask's grid (one id per lesion, 0 elsewhere);
+                               written by ``mixsup-data phantoms``, absent from real LiTS folders
     boxes/boxes-N.json         optional per-slice boxes on the canonical grid (see boxes.py)
     boxes/boxes-N.perturbed.json  the same boxes after the paper's perturbation (``mixsup-data split --perturb-boxes``)
     hidden/segmentation-N.nii.gz  masks kept out of training (phantoms' weak / unlabeled cases); used only to split
+    hidden/instances-N.nii.gz     their lesion instances
     manifest.json              optional; without it every case with a segmentation is strong, the rest unlabeled
 
 ``manifest.json``::
@@ -16,12 +19,17 @@ Layout (``N`` is an integer; real LiTS downloads use ``.nii``, phantoms ``.nii.g
                "perturb_boxes": false},                                     optional, written by mixsup-data split
      "cases": [{"case": "N", "volume": "volume-N.nii.gz", "segmentation": "segmentation-N.nii.gz" | null,
                 "boxes": "boxes/boxes-N.json" | null, "supervision": "strong" | "weak" | "unlabeled" | "test",
-                "boxes_perturbed": true | false}]}                           optional, weak cases only
+                "boxes_perturbed": true | false,                             optional, weak cases only
+                "instances": "instances-N.nii.gz"}]}                         optional, cases with a segmentation
 
 A strong case has a segmentation; a weak case has boxes and no segmentation (its mask, if any, stays hidden); an
 unlabeled case has neither. A test case has a segmentation and no boxes and is held out for evaluation: no
 training recipe may see it (``Manifest.strong/weak/unlabeled`` never return it). Paths are relative to the
 manifest's folder. The optional keys are omitted when unset, so older manifests load and hash as before.
+
+Lesion instances tell touching lesions apart, which a label map cannot: two lesions that touch are one connected
+component of label 2. A case without an instances file (every real LiTS case) gets the 8-connected components of
+each slice's lesion mask instead (:func:`lesion_components`), so touching lesions there count as one.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from mixsup.errors import InputError
 from mixsup.files import atomic_path
@@ -48,9 +57,11 @@ BOXES_DIR = "boxes"
 #: Where masks kept out of training lie (phantoms' weak and unlabeled cases): for evaluation and re-splitting only.
 HIDDEN_DIR = "hidden"
 LABEL_VALUES = (0, 1, 2)
+LESION_LABEL = 2
 AFFINE_TOLERANCE_MM = 1e-3
 
 _LITS_NAME = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
+INSTANCES_PREFIX = "instances"
 
 
 @dataclass
@@ -64,6 +75,8 @@ class Case:
     supervision: str = STRONG
     #: weak cases: whether the boxes file holds perturbed boxes (None: not recorded, e.g. an older manifest)
     boxes_perturbed: bool | None = None
+    #: lesion instance ids on the segmentation's grid (None: none recorded; instances come from connected components)
+    instances: str | None = None
     root: Path | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
@@ -71,6 +84,8 @@ class Case:
                     "boxes": self.boxes, "supervision": self.supervision}
         if self.boxes_perturbed is not None:
             document["boxes_perturbed"] = self.boxes_perturbed
+        if self.instances is not None:
+            document["instances"] = self.instances
         return document
 
     def path(self, relative: str) -> Path:
@@ -154,7 +169,7 @@ def _read_manifest(path: Path) -> Manifest:
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("case"), str) or not isinstance(entry.get("volume"), str):
             raise InputError(f"{path}: every case needs string \"case\" and \"volume\" entries, got {entry!r}")
-        optional = {key: entry.get(key) for key in ("segmentation", "boxes")}
+        optional = {key: entry.get(key) for key in ("segmentation", "boxes", "instances")}
         for key, value in optional.items():
             if value is not None and not isinstance(value, str):
                 raise InputError(f"{path}: case {entry['case']}: \"{key}\" must be a path or null")
@@ -162,14 +177,15 @@ def _read_manifest(path: Path) -> Manifest:
         if perturbed is not None and not isinstance(perturbed, bool):
             raise InputError(f"{path}: case {entry['case']}: \"boxes_perturbed\" must be true, false or absent")
         cases.append(Case(entry["case"], entry["volume"], optional["segmentation"], optional["boxes"],
-                          entry.get("supervision", STRONG), perturbed))
+                          entry.get("supervision", STRONG), perturbed, optional["instances"]))
     return Manifest(cases=cases, root=path.parent, split=split)
 
 
 def manifest_from_lits_names(root: str | os.PathLike) -> Manifest:
     """Cases from ``volume-N`` / ``segmentation-N`` files as LiTS ships them, sorted by N.
 
-    With a segmentation a case is strong; without one but with ``boxes/boxes-N.json`` weak; otherwise unlabeled.
+    With a segmentation a case is strong (with ``instances-N.nii[.gz]`` if that lies beside it); without one but
+    with ``boxes/boxes-N.json`` weak; otherwise unlabeled.
     """
     root = Path(root)
     found: dict[str, dict[int, str]] = {"volume": {}, "segmentation": {}}
@@ -192,7 +208,9 @@ def manifest_from_lits_names(root: str | os.PathLike) -> Manifest:
         boxes = boxes_path(str(number))
         boxes = boxes if (root / boxes).is_file() else None
         supervision = STRONG if segmentation else (WEAK if boxes else UNLABELED)
-        cases.append(Case(str(number), found["volume"][number], segmentation, boxes, supervision))
+        instances = existing_instances(root, str(number)) if segmentation else None
+        cases.append(Case(str(number), found["volume"][number], segmentation, boxes, supervision,
+                          instances=instances))
     return Manifest(cases=cases, root=root)
 
 
@@ -234,7 +252,9 @@ def validate_manifest(manifest: Manifest) -> None:
             raise InputError(f"{where}: a test case needs a segmentation and no boxes")
         if case.boxes_perturbed is not None and case.supervision != WEAK:
             raise InputError(f"{where}: \"boxes_perturbed\" belongs to weak cases only")
-        for relative in (case.volume, case.segmentation, case.boxes):
+        if case.instances and not case.segmentation:
+            raise InputError(f"{where}: \"instances\" belongs to cases with a segmentation only")
+        for relative in (case.volume, case.segmentation, case.boxes, case.instances):
             if relative is not None and not (manifest.root / relative).is_file():
                 raise InputError(f"{where}: missing file {manifest.root / relative}")
 
@@ -255,6 +275,28 @@ def case_number(case: Case) -> str:
     """The ``N`` of the case's LiTS file names: from ``volume-N.nii[.gz]`` if so named, else the case name."""
     match = _LITS_NAME.match(Path(case.volume).name)
     return str(int(match.group(2))) if match and match.group(1) == "volume" else case.case
+
+
+def instances_path(number: str, folder: str = "") -> str:
+    """Where case ``N``'s lesion instances file is written, relative to the dataset root (next to its mask)."""
+    return f"{folder}/{INSTANCES_PREFIX}-{number}.nii.gz".lstrip("/")
+
+
+def existing_instances(root: str | os.PathLike, number: str, folder: str = "") -> str | None:
+    """``instances-N.nii[.gz]`` in ``folder`` of ``root`` if it exists (relative to ``root``), else None."""
+    for suffix in (".nii.gz", ".nii"):
+        name = f"{folder}/{INSTANCES_PREFIX}-{number}{suffix}".lstrip("/")
+        if (Path(root) / name).is_file():
+            return name
+    return None
+
+
+def instances_of(root: str | os.PathLike, case: Case, mask: str | None) -> str | None:
+    """The instances file that goes with ``case``'s ``mask`` (relative to ``root``): the one the case references,
+    else ``instances-N.nii[.gz]`` beside the mask (in ``hidden/`` for a hidden one); None without a mask."""
+    if mask is None:
+        return None
+    return case.instances or existing_instances(root, case_number(case), Path(mask).parent.as_posix().strip("."))
 
 
 def boxes_path(number: str, perturbed: bool = False) -> str:
@@ -284,28 +326,73 @@ def canonical_hu(scan: Scan) -> tuple[np.ndarray, tuple[float, float, float]]:
     return to_int16_hu(voxels), spacing
 
 
-def load_case(case: Case, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
-    """The case's canonical volume (int16 HU), labels (uint8, or None without a segmentation) and spacing.
+@dataclass
+class CaseData:
+    """A case's arrays on the canonical grid: ``volume`` int16 HU, ``labels`` uint8 (None without a segmentation),
+    ``spacing`` in mm and ``instances`` int32 lesion ids, 0 outside lesions (None without a segmentation)."""
 
-    The segmentation must lie on the volume's exact grid (shape, and affine within 1e-3 mm).
+    volume: np.ndarray
+    labels: np.ndarray | None
+    spacing: tuple[float, float, float]
+    instances: np.ndarray | None = None
+
+
+def read_case(case: Case, root: str | os.PathLike | None = None, with_instances: bool = True) -> CaseData:
+    """The case's canonical volume, labels, spacing and (``with_instances``) lesion instances.
+
+    The segmentation and the instances file must lie on the volume's exact grid (shape, and affine within 1e-3 mm).
+    A case with a segmentation but no instances file gets :func:`lesion_components` of its labels.
     """
     base = Path(root) if root is not None else (case.root or Path("."))
     volume_scan = read_nifti(base / case.volume)
     volume, spacing = canonical_hu(volume_scan)
     if not case.segmentation:
-        return volume, None, spacing
-    mask_scan = read_nifti(base / case.segmentation)
-    if mask_scan.voxels.shape != volume_scan.voxels.shape:
-        raise InputError(f"case {case.case}: segmentation shape {mask_scan.voxels.shape} differs from the volume's "
-                         f"{volume_scan.voxels.shape}")
-    if not np.allclose(mask_scan.affine, volume_scan.affine, atol=AFFINE_TOLERANCE_MM):
-        raise InputError(f"case {case.case}: segmentation affine differs from the volume's")
-    labels, _ = mask_scan.canonical()
-    labels = np.rint(labels) if labels.dtype.kind == "f" else labels
+        return CaseData(volume, None, spacing)
+    labels = _canonical_on_grid(case, base / case.segmentation, volume_scan, "segmentation")
     unexpected = np.setdiff1d(np.unique(labels), LABEL_VALUES)
     if unexpected.size:
         raise InputError(f"case {case.case}: segmentation has values {unexpected.tolist()} (expected 0, 1, 2)")
-    return volume, labels.astype(np.uint8), spacing
+    labels = labels.astype(np.uint8)
+    if not with_instances:
+        return CaseData(volume, labels, spacing)
+    if not case.instances:
+        return CaseData(volume, labels, spacing, lesion_components(labels))
+    instances = _canonical_on_grid(case, base / case.instances, volume_scan, "instances")
+    if instances.min(initial=0) < 0 or not np.array_equal(instances > 0, labels == LESION_LABEL):
+        raise InputError(f"case {case.case}: instances must be a non-negative id on every lesion voxel and 0 "
+                         "elsewhere")
+    return CaseData(volume, labels, spacing, instances.astype(np.int32))
+
+
+def load_case(case: Case, root: str | os.PathLike | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
+    """The case's canonical volume (int16 HU), labels (uint8, or None without a segmentation) and spacing; see
+    :func:`read_case` for its instances too."""
+    data = read_case(case, root, with_instances=False)
+    return data.volume, data.labels, data.spacing
+
+
+def _canonical_on_grid(case: Case, path: Path, volume_scan: Scan, what: str) -> np.ndarray:
+    """A label-like file of ``case`` (``what`` names it in errors) on the canonical grid, checked to lie on the
+    volume's grid; float files are rounded."""
+    scan = read_nifti(path)
+    if scan.voxels.shape != volume_scan.voxels.shape:
+        raise InputError(f"case {case.case}: {what} shape {scan.voxels.shape} differs from the volume's "
+                         f"{volume_scan.voxels.shape}")
+    if not np.allclose(scan.affine, volume_scan.affine, atol=AFFINE_TOLERANCE_MM):
+        raise InputError(f"case {case.case}: {what} affine differs from the volume's")
+    voxels, _ = scan.canonical()
+    return np.rint(voxels) if voxels.dtype.kind == "f" else voxels
+
+
+def lesion_components(labels: np.ndarray, lesion: int = LESION_LABEL) -> np.ndarray:
+    """int32 lesion instances of a label map [..., H, W] without recorded ones: the 8-connected components of each
+    slice's ``lesion`` mask (ids unique over the whole array, 0 elsewhere). Touching lesions are one component."""
+    labels = np.asarray(labels)
+    structure = np.zeros((3,) * labels.ndim, dtype=bool)
+    structure[(1,) * (labels.ndim - 2)] = True  # in-plane neighbours only
+    components, _ = ndimage.label(labels == lesion, structure=structure)
+    return components.astype(np.int32)
 
 
 def case_boxes(case: Case, labels: np.ndarray | None = None, shape: tuple[int, int, int] | None = None) -> list[Box] | None:

@@ -34,11 +34,18 @@ Box = tuple[slice, slice, slice]
 
 @dataclass
 class Phantom:
-    """A synthetic CT: ``volume`` int16 HU and ``labels`` uint8 on the canonical ``[D, H, W]`` grid."""
+    """A synthetic CT: ``volume`` int16 HU and ``labels`` uint8 on the canonical ``[D, H, W]`` grid.
+
+    ``instances`` uint16 on the same grid: one id (1, 2, ...) per drawn lesion, 0 elsewhere, so that lesions which
+    overlap or touch stay apart (the label map merges them into one connected component). Where two lesions
+    overlap, the one painted later (whose intensity the image shows there) owns the voxels; its id is nonzero
+    exactly where ``labels`` is 2.
+    """
 
     volume: np.ndarray
     labels: np.ndarray
     spacing: tuple[float, float, float]
+    instances: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------------- the grid
@@ -230,6 +237,7 @@ class _Composer:
         self.canvas = _Canvas(self.grid, texture)
         self.liver = np.zeros(shape, dtype=bool)
         self.lesion = np.zeros(shape, dtype=bool)
+        self.instances = np.zeros(shape, dtype=np.uint16)
         self.contrast = bool(rng.random() < 0.75)
         self.liver_hu = float(rng.uniform(60.0, 150.0) if self.contrast else rng.uniform(30.0, 70.0))
 
@@ -292,7 +300,7 @@ class _Composer:
         labels = np.zeros(self.shape, dtype=np.uint8)
         labels[self.liver] = LIVER
         labels[self.lesion] = LESION
-        return Phantom(self._acquire(), labels, self.spacing)
+        return Phantom(self._acquire(), labels, self.spacing, self.instances)
 
     def _add_table(self) -> None:
         """The patient table: a posterior strip some scans include."""
@@ -675,7 +683,7 @@ class _Composer:
         count = 0 if self.rng.random() < 0.2 else int(self.rng.integers(1, 9))
         if liver_idx.size < 20:
             return
-        for _ in range(count):
+        for lesion_id in range(1, count + 1):
             centre_idx = np.unravel_index(int(self.rng.choice(liver_idx)), self.shape)
             centre = self.grid.voxel_mm(centre_idx)
             # log-uniform radius so tiny lesions are common
@@ -699,6 +707,7 @@ class _Composer:
             if radius > 12.0 and self.rng.random() < 0.3:  # necrotic core
                 self.canvas.paint(box, mask & (level < self.u(0.1, 0.3)), self.u(0.0, 25.0), 3.0)
             self.lesion[box] |= mask
+            self.instances[box][mask] = lesion_id
 
     def _acquire(self) -> np.ndarray:
         """Partial-volume blur, then (optionally correlated) noise, rounded and clipped to int16 HU."""

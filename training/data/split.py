@@ -32,6 +32,7 @@ from mixsup.training.data.manifest import (
     case_number,
     dataset_cases,
     find_mask,
+    instances_of,
     load_case,
     validate_manifest,
     write_manifest,
@@ -125,7 +126,8 @@ def plan_split(
         if kind is None:
             result.kept += 1
             result.manifest.cases.append(Case(case.case, relative(case.volume), relative(case.segmentation),
-                                              relative(case.boxes), case.supervision, case.boxes_perturbed))
+                                              relative(case.boxes), case.supervision, case.boxes_perturbed,
+                                              relative(case.instances)))
             continue
         result.counts[kind] += 1
         if kind == UNUSED:
@@ -144,8 +146,9 @@ def plan_split(
             mask, perturbed = None, perturb
         elif kind == UNLABELED:
             mask = None
+        # Lesion instances travel with the mask: a case that becomes strong or test keeps them.
         result.manifest.cases.append(Case(case.case, relative(case.volume), relative(mask), relative(boxes_file),
-                                          kind, perturbed))
+                                          kind, perturbed, relative(instances_of(root, case, mask))))
     result.manifest.split = {"seed": seed, "fractions": {kind: float(fractions.get(kind, 0.0)) for kind in SPLIT_KINDS},
                              "perturb_boxes": perturb}
     for case in result.manifest.cases:

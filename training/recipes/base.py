@@ -34,6 +34,8 @@ class Batch:
     unlabeled ones. Boxes are warped with the image, so after a rotation they are the rotated rectangles.
     ``soft_labels`` float32 [N, C, h, w] or None: per-class pseudo-label probabilities that a previous stage
     wrote for weak cases (teacher-student), warped with the image.
+    ``instances`` int64 [N, h, w] or None: lesion instance ids beside ``labels`` (0 outside lesions), so lesions
+    that touch stay apart (the lazy recipe's interfaces); None where unknown.
     """
 
     kind: str
@@ -41,13 +43,15 @@ class Batch:
     boxes: torch.Tensor
     labels: torch.Tensor | None = None
     soft_labels: torch.Tensor | None = None
+    instances: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(self.kind, move(self.images), move(self.boxes), move(self.labels), move(self.soft_labels))
+        return Batch(self.kind, move(self.images), move(self.boxes), move(self.labels), move(self.soft_labels),
+                     move(self.instances))
 
 
 class Recipe:
