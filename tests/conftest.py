@@ -19,6 +19,17 @@ def tiny_phantoms(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mixed_phantoms(tmp_path_factory) -> Path:
+    """Three strong cases (two train, one validates) and one weak case: the least a box-supervised recipe needs."""
+    from mixsup.training.data.cli import main as data_main
+
+    root = tmp_path_factory.mktemp("mixed-phantoms")
+    assert data_main(["phantoms", str(root), "--n", "4", "--seed", "4", "--shape", "8", "64", "64",
+                      "--weak-fraction", "0.25", "-q"]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_phantoms, tmp_path_factory) -> Path:
     from mixsup.training.cli import main as train_main
 

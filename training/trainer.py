@@ -34,7 +34,9 @@ from mixsup.training.data.dataset import (
     Volume,
     load_volume,
 )
-from mixsup.training.data.manifest import Manifest
+from mixsup.resample import resample_inplane
+from mixsup.scan import read_nifti
+from mixsup.training.data.manifest import Manifest, find_mask
 from mixsup.training.recipes.base import STRONG, Recipe
 
 CHECKPOINT_FORMAT = "mixsup-checkpoint"
@@ -242,6 +244,17 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+def check_resumable(payload: dict, path: Path, recipe_name: str, manifest: Manifest) -> None:
+    """Refuse a checkpoint of another recipe (its networks and stages do not fit this run) or of another data
+    manifest (the resumed run would train and validate on a different split than the epochs before it)."""
+    if payload.get("recipe") != recipe_name:
+        raise InputError(f"{path}: checkpoint of recipe {payload.get('recipe')!r} cannot resume a {recipe_name!r} run")
+    if payload.get("manifest_sha256") != manifest.sha256():
+        raise InputError(f"{path}: checkpoint was trained on another data manifest than {manifest.root} "
+                         f"(sha256 {str(payload.get('manifest_sha256'))[:12]}, now {manifest.sha256()[:12]}); "
+                         "resume with the same --data")
+
+
 def network_from_checkpoint(payload: dict) -> nn.Module:
     """The exportable segmentation network of a checkpoint, rebuilt from its config, in eval mode."""
     from mixsup.training.recipes import get_recipe
@@ -263,15 +276,25 @@ def split_validation(manifest: Manifest, count: int) -> tuple[list, list]:
 
 @dataclass
 class StageContext:
-    """What a recipe's ``end_stage`` may use: the training volumes by kind, and where to leave soft labels."""
+    """What a recipe's ``end_stage`` may use: the training volumes by kind, where to leave soft labels, the
+    hidden masks to measure them against, and where to log what it measured."""
 
     out: Path
     config: TrainConfig
     device: torch.device
     volumes_by_kind: dict[str, list[Volume]]
+    manifest: Manifest | None = None
 
     def volumes(self, kind: str) -> list[Volume]:
         return self.volumes_by_kind.get(kind, [])
+
+    def hidden_labels(self, case: str, shape: Sequence[int]) -> np.ndarray | None:
+        """The mask a dataset keeps out of training for ``case`` (``hidden/`` of a phantom split), on the
+        training grid of ``shape`` [D, h, w]; None where there is none. For measuring a stage's output (e.g.
+        pseudo-label Dice), never for training."""
+        if self.manifest is None:
+            return None
+        return hidden_labels(self.manifest, case, shape)
 
     def save_soft_labels(self, case: str, probabilities: np.ndarray) -> Path:
         """Keep per-class probabilities float16 [C,D,H,W] for ``case`` on disk, where a resumed run finds them;
@@ -280,6 +303,38 @@ class StageContext:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, probabilities.astype(np.float16))
         return path
+
+    def log_stage_result(self, name: str, values: dict[str, Any]) -> None:
+        """Keep a measurement of the stage in ``<out>/<name>.json`` and say it in one line."""
+        with atomic_path(self.out / f"{name}.json", ".json") as tmp:
+            tmp.write_text(json.dumps(values, indent=2) + "\n")
+        print(f"{name}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in values.items()), flush=True)
+
+
+def hidden_labels(manifest: Manifest, case: str, shape: Sequence[int]) -> np.ndarray | None:
+    """``case``'s mask if the dataset has one (referenced or hidden), canonical and resampled in-plane (nearest)
+    to ``shape`` [D, h, w]; None if it has none or its depth differs."""
+    found = next((c for c in manifest.cases if c.case == case), None)
+    relative = None if found is None else find_mask(manifest.root, found)
+    if relative is None:
+        return None
+    labels, _ = read_nifti(manifest.root / relative).canonical()
+    if labels.shape[0] != shape[0]:
+        return None
+    return resample_inplane(np.rint(labels).astype(np.uint8), shape[1:], order=0)
+
+
+def validation_score(scores: dict[str, float]) -> float:
+    """What picks the best epoch: the mean of liver and lesion Dice, so a checkpoint that has forgotten lesions
+    never wins on liver alone."""
+    return float(np.mean([scores["dice_liver"], scores["dice_lesion"]]))
+
+
+def best_stage_path(out: Path, stage: str) -> Path:
+    """Where the best epoch of a stage that is not the last is kept, so the stage ends with it (a teacher
+    annotates with its best weights, not its last) even across a resume."""
+    return out / f"best_{stage}.pt"
 
 
 def attach_soft_labels(volumes_by_kind: dict[str, list[Volume]], out: Path) -> None:
@@ -315,6 +370,9 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
     if config.threads:
         torch.set_num_threads(config.threads)
     rng = seed_everything(config.seed, parallel.rank)
+    resumed = load_checkpoint(resume) if resume is not None else None
+    if resumed is not None:  # before the data loads: a wrong checkpoint fails in a second, not after minutes
+        check_resumable(resumed, resume, recipe.NAME, manifest)
 
     # Data: every supervision kind the manifest has, in memory at the model's spacing.
     train_cases, validation_cases = split_validation(manifest, config.validation_cases)
@@ -332,7 +390,6 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
     contract = ModelContract(patch_size=(config.patch_size, config.patch_size), spacing_mm=config.spacing_mm,
                              recipe=recipe.NAME)
     state = {"stage": 0, "epoch": 0, "best_score": -float("inf"), "history": []}
-    resumed = load_checkpoint(resume) if resume is not None else None
     if resumed is not None:
         modules.load_state_dict(resumed["state_dict"])
         rng.bit_generator.state = resumed["numpy_rng"][parallel.rank % len(resumed["numpy_rng"])]
@@ -386,9 +443,9 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                 print(f"{stage} epoch {epoch + 1}: loss {row['train_loss']:.4f}  val Dice liver "
                       f"{row['dice_liver']:.4f} lesion {row['dice_lesion']:.4f}  ({row['seconds']:.0f} s)", flush=True)
                 # Only the exported network's stage competes for best.pt: a teacher's Dice with boxes is no
-                # measure of the student.
+                # measure of the student. An earlier stage keeps its own best in best_<stage>.pt.
                 last_stage = stage_index == len(recipe.STAGES) - 1
-                score = scores["dice_liver"] if np.isfinite(scores["dice_liver"]) else -row["train_loss"]
+                score = validation_score(scores) if pairs else -row["train_loss"]
                 state["epoch"] = epoch + 1
                 payload = {
                     "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "recipe": recipe.NAME,
@@ -407,15 +464,26 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                 if last_stage and score > state["best_score"]:
                     state["best_score"] = score
                     save_checkpoint(out / "best.pt", payload)
+                if not last_stage and score > stage_best_score(state["history"][:-1], stage):
+                    save_checkpoint(best_stage_path(out, stage), payload)
             parallel.barrier()
 
+        if stage_index < len(recipe.STAGES) - 1 and best_stage_path(out, stage).is_file():
+            modules.load_state_dict(load_checkpoint(best_stage_path(out, stage))["state_dict"])
         if parallel.is_main:
-            recipe.end_stage(stage, modules, StageContext(out, config, parallel.device, volumes_by_kind))
+            recipe.end_stage(stage, modules, StageContext(out, config, parallel.device, volumes_by_kind, manifest))
         parallel.barrier()
         attach_soft_labels(volumes_by_kind, out)
         state["stage"], state["epoch"] = stage_index + 1, 0
         resumed = None
     return out / "best.pt"
+
+
+def stage_best_score(history: list[dict[str, Any]], stage: str) -> float:
+    """The best :func:`validation_score` logged so far in ``stage`` (-inf before its first epoch)."""
+    scores = [validation_score(row) if np.isfinite(row["dice_liver"]) else -row["train_loss"]
+              for row in history if row["stage"] == stage]
+    return max(scores, default=-float("inf"))
 
 
 def gather_rng_states(rng: np.random.Generator, parallel: Distributed) -> list[dict]:
