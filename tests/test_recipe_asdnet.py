@@ -1,4 +1,5 @@
-"""ASDNet recipe: sample-attention Dice, the confidence mask, the alternating adversarial steps, and export."""
+"""ASDNet recipe: sample-attention generalized Dice, the confidence mask, the alternating adversarial steps, the
+semi-supervised warm-up, and export."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import torch
 from mixsup.training.losses import (
     confidence_mask,
     confident_self_training_loss,
+    per_sample_generalized_dice,
     per_sample_soft_dice,
     sample_attention_dice_loss,
     sample_attention_weights,
@@ -16,6 +18,7 @@ from mixsup.training.losses import (
 from mixsup.training.recipes.asdnet import (
     RECIPE,
     confidence_step,
+    optimizer_steps,
     segment_by_kind,
     segmentation_step,
     unlabeled_images,
@@ -30,15 +33,20 @@ def logits_of(probabilities: list[list[list[float]]]) -> torch.Tensor:
     return p.clamp_min(1e-12).log()
 
 
-# Two samples, four pixels each, classes (background, liver, lesion); only class 1 is scored.
+# Two samples, four pixels each, classes (background, liver, lesion); the attention scores class 1 only.
 #   sample 0: target liver on pixels 0-1, predicted liver 1.0 on pixel 0 only  -> dsc = 2*1 / (1 + 2) = 2/3
 #   sample 1: target liver everywhere, predicted liver 0.25 everywhere      -> dsc = 2*1 / (1 + 4) = 2/5
+# Generalized Dice over all three classes; here every class weight of a sample is equal (sample 0: background and
+# liver cover 2 pixels each; sample 1: liver alone is present), absent classes taking the present classes' weight:
+#   sample 0: overlaps background 2, liver 1; sums background 3 + 2, liver 1 + 2  -> GD = 2*3 / 8 = 3/4
+#   sample 1: overlap liver 1; sums background 3 + 0, liver 1 + 4               -> GD = 2*1 / 8 = 1/4
 PROBABILITIES = [
     [[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
     [[0.75, 0.75, 0.75, 0.75], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]],
 ]
 TARGET = torch.tensor([[[1, 1, 0, 0]], [[1, 1, 1, 1]]])
 DSC = (2 / 3, 2 / 5)
+GD = (3 / 4, 1 / 4)
 WEIGHTS = ((1 - 2 / 3) ** 2, (1 - 2 / 5) ** 2)  # 1/9, 0.36
 
 
@@ -47,12 +55,58 @@ def test_sample_attention_dice_matches_hand_computed_values():
     dice = per_sample_soft_dice(logits, TARGET, classes=(1,))
     assert dice.tolist() == pytest.approx(DSC, abs=1e-5)
     assert sample_attention_weights(dice, beta=2.0).tolist() == pytest.approx(WEIGHTS, abs=1e-5)
-    expected = (WEIGHTS[0] * (1 - DSC[0]) + WEIGHTS[1] * (1 - DSC[1])) / 2  # (1/27 + 0.216) / 2
+    assert per_sample_generalized_dice(logits, TARGET).tolist() == pytest.approx(GD, abs=1e-5)
+    expected = (WEIGHTS[0] * (1 - GD[0]) + WEIGHTS[1] * (1 - GD[1])) / 2  # (1/36 + 0.27) / 2
     loss = sample_attention_dice_loss(logits, TARGET, beta=2.0, classes=(1,))
     assert loss.item() == pytest.approx(expected, abs=1e-5)
-    # beta = 0 is the plain mean Dice loss: the attention is what changes the value.
+    # beta = 0 is the plain mean generalized Dice loss: the attention is what changes the value.
     plain = sample_attention_dice_loss(logits, TARGET, beta=0.0, classes=(1,))
-    assert plain.item() == pytest.approx(1 - sum(DSC) / 2, abs=1e-5)
+    assert plain.item() == pytest.approx(1 - sum(GD) / 2, abs=1e-5)
+
+
+def test_attention_dice_loss_is_the_generalized_dice_with_inverse_square_volume_weights():
+    # Both samples: target background on pixels 0-2 (volume 3, weight 1/9), liver on pixel 3 (volume 1, weight 1);
+    # the lesion is absent and takes the largest present weight, 1.
+    target = torch.tensor([[[0, 0, 0, 1]], [[0, 0, 0, 1]]])
+    probabilities = [
+        # background overlap 1 + 1 + 0.5 = 2.5, sum 3 + 3; liver overlap 0.5, sum 1 + 1; no lesion predicted
+        [[1.0, 1.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]],
+        # background overlap 2.5, sum 2.5 + 3; liver overlap 0.5, sum 0.5 + 1; lesion predicted on 1 pixel's worth
+        [[1.0, 1.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.5, 0.5]],
+    ]
+    generalized = (2 * (2.5 / 9 + 0.5) / (6 / 9 + 2), 2 * (2.5 / 9 + 0.5) / (5.5 / 9 + 1.5 + 1))  # 7/12, 1/2
+    logits = logits_of(probabilities)
+    assert per_sample_generalized_dice(logits, target).tolist() == pytest.approx(generalized, abs=1e-5)
+    # The attention's Dice is the liver's alone (the lesion is absent): 2 * 0.5 / (1 + 1) and 2 * 0.5 / (0.5 + 1).
+    dsc = (1 / 2, 2 / 3)
+    expected = sum((1 - d) ** 2 * (1 - g) for d, g in zip(dsc, generalized)) / 2
+    assert sample_attention_dice_loss(logits, target, beta=2.0).item() == pytest.approx(expected, abs=1e-5)
+
+
+def confident_logits(labels: torch.Tensor, margin: float = 12.0) -> torch.Tensor:
+    """Logits [N, 3, h, w] of a near-perfect prediction of ``labels`` [N, h, w]: every other class at p ~ e^-12."""
+    return margin * torch.nn.functional.one_hot(labels, 3).movedim(-1, 1).double()
+
+
+def test_perfect_prediction_on_a_lesion_free_crop_gets_no_attention():
+    liver_only = torch.zeros(16, 16, dtype=torch.long)
+    liver_only[4:12, 4:12] = 1
+    background_only = torch.zeros(16, 16, dtype=torch.long)
+    labels = torch.stack([liver_only, background_only])
+    logits = confident_logits(labels)
+    dice = per_sample_soft_dice(logits, labels)
+    assert dice.tolist() == pytest.approx([1.0, 1.0], abs=1e-3)
+    assert torch.all(sample_attention_weights(dice) < 1e-6)
+    assert sample_attention_dice_loss(logits, labels).item() < 1e-6
+    # An absent class is no failure only when it is not predicted: liver predicted all over a crop without
+    # foreground, or a lesion in the target that the prediction misses, still draw the attention.
+    liver_everywhere = confident_logits(torch.ones_like(labels[1:]))
+    assert sample_attention_weights(per_sample_soft_dice(liver_everywhere, labels[1:])).item() > 0.99
+    missed_lesion = liver_only.clone()
+    missed_lesion[6:8, 6:8] = 2
+    weight = sample_attention_weights(per_sample_soft_dice(confident_logits(liver_only[None]), missed_lesion[None]))
+    # Liver: 60 pixels of the 64 predicted are liver in the target; lesion: Dice 0. dsc = (120 / 124 + 0) / 2.
+    assert weight.item() == pytest.approx((1 - (2 * 60 / (64 + 60) + 0) / 2) ** 2, abs=1e-3)
 
 
 def test_sample_attention_weight_carries_no_gradient():
@@ -61,12 +115,15 @@ def test_sample_attention_weight_carries_no_gradient():
     (gradient,) = torch.autograd.grad(loss, logits)
 
     constant_weights = logits_of(PROBABILITIES).requires_grad_(True)
-    dice = per_sample_soft_dice(constant_weights, TARGET, classes=(1,))
-    reference = (torch.tensor(WEIGHTS, dtype=dice.dtype) * (1 - dice)).mean()
+    generalized = per_sample_generalized_dice(constant_weights, TARGET)
+    reference = (torch.tensor(WEIGHTS, dtype=generalized.dtype) * (1 - generalized)).mean()
     (expected,) = torch.autograd.grad(reference, constant_weights)
     assert torch.allclose(gradient, expected, atol=1e-6)
-    # Had the weight been differentiated, d/dx of (1-d)^3 = 3 (1-d)^2 is three times the detached gradient.
-    assert not torch.allclose(gradient, 3 * expected, atol=1e-6)
+    # Had the weight been differentiated, the Dice inside it would add its own gradient.
+    attached = logits_of(PROBABILITIES).requires_grad_(True)
+    differentiated = ((1 - per_sample_soft_dice(attached, TARGET, (1,))) ** 2
+                      * (1 - per_sample_generalized_dice(attached, TARGET))).mean()
+    assert not torch.allclose(gradient, torch.autograd.grad(differentiated, attached)[0], atol=1e-6)
     assert not sample_attention_weights(per_sample_soft_dice(logits, TARGET, (1,))).requires_grad
 
 
@@ -160,7 +217,7 @@ def test_unlabeled_crops_do_not_change_the_strong_crops_batch_statistics():
 
 def test_train_step_updates_both_networks_with_or_without_unlabeled_crops():
     config, modules, optimizers, strong, unlabeled = tiny_setup()
-    config = config.updated({"options": {"lambda_adv": 0.5, "lambda_semi": 2.0}})
+    config = config.updated({"options": {"lambda_adv": 0.5, "lambda_semi": 2.0, "semi_warmup_fraction": 0.0}})
     for batches in ({STRONG: strong, UNLABELED: unlabeled}, {STRONG: strong}):
         before = {name: snapshot(module) for name, module in modules.items()}
         losses = RECIPE.train_step("train", dict(modules.items()), batches, optimizers, config)
@@ -169,11 +226,52 @@ def test_train_step_updates_both_networks_with_or_without_unlabeled_crops():
         # The step weighs its terms with the options of the config it is given.
         expected = (losses["cross_entropy"] + losses["attention_dice"] + 0.5 * losses["adversarial"]
                     + 2.0 * losses["semi"])
-        assert losses["loss"] == pytest.approx(expected, rel=1e-5)
+        assert losses["loss"] == pytest.approx(expected, rel=1e-5) and losses["lambda_semi"] == 2.0
     assert losses["semi"] == 0.0  # the strong-only step has no unlabeled term
     weak = Batch(WEAK, images=unlabeled.images[:1], boxes=unlabeled.boxes[:1])
     assert unlabeled_images({STRONG: strong, UNLABELED: unlabeled, WEAK: weak}).shape[0] == 3
     assert unlabeled_images({STRONG: strong}) is None
+
+
+def warmup_setup(lambda_semi: float):
+    """:func:`tiny_setup` for a run of 2 epochs x 4 steps whose first quarter (2 steps) is the semi-supervised
+    warm-up; gamma 0 trusts every pixel, so the semi-supervised term is never empty."""
+    config, modules, optimizers, strong, unlabeled = tiny_setup()
+    config = config.updated({"options": {"gamma": 0.0, "lambda_semi": lambda_semi, "semi_warmup_fraction": 0.25}})
+    assert RECIPE.epochs("train", config) * config.iterations_per_epoch == 8
+    return config, modules, optimizers, {STRONG: strong, UNLABELED: unlabeled}
+
+
+def test_semi_supervised_term_waits_for_the_warmup():
+    runs = {lambda_semi: warmup_setup(lambda_semi) for lambda_semi in (0.0, 5.0)}
+    for step in range(3):
+        losses = {}
+        for lambda_semi, (config, modules, optimizers, batches) in runs.items():
+            losses[lambda_semi] = RECIPE.train_step("train", dict(modules.items()), batches, optimizers, config)
+        without, with_semi = (snapshot(runs[key][1]["segmentation"]) for key in (0.0, 5.0))
+        # During the warm-up the semi-supervised weight changes nothing; after it, it does.
+        identical = all(torch.allclose(without[k].float(), with_semi[k].float(), atol=1e-7) for k in without)
+        assert identical == (step < 2)
+        assert losses[5.0]["semi"] > 0 and losses[5.0]["lambda_semi"] == (5.0 if step >= 2 else 0.0)
+    weights = RECIPE.loss_weights(runs[5.0][0])
+    assert [weights.at_step(step, 8).lambda_semi for step in range(4)] == [0.0, 0.0, 5.0, 5.0]
+
+
+def test_warmup_count_survives_a_resume_from_checkpointed_states():
+    config, modules, optimizers, batches = warmup_setup(5.0)
+    for _ in range(2):
+        RECIPE.train_step("train", dict(modules.items()), batches, optimizers, config)
+    assert optimizer_steps(optimizers["segmentation"]) == 2
+    # What the trainer does on resume: fresh modules and optimizers, then the checkpointed states loaded.
+    resumed = RECIPE.build(config)
+    resumed.load_state_dict(modules.state_dict())
+    resumed_optimizers = RECIPE.optimizers("train", resumed, config)
+    for name, optimizer in resumed_optimizers.items():
+        optimizer.load_state_dict(optimizers[name].state_dict())
+    losses = RECIPE.train_step("train", dict(resumed.items()), batches, resumed_optimizers, config)
+    assert losses["lambda_semi"] == 5.0
+    fresh = RECIPE.optimizers("train", resumed, config)
+    assert RECIPE.train_step("train", dict(resumed.items()), batches, fresh, config)["lambda_semi"] == 0.0
 
 
 def test_exported_network_has_no_confidence_parameters(tmp_path):
@@ -228,6 +326,7 @@ def test_tiny_run_trains_on_unlabeled_scans_and_exports(mixed_phantoms, tmp_path
     assert any(key.startswith("confidence.") for key in payload["state_dict"])  # training keeps the adversary
     (row,) = csv.DictReader((out / "log.csv").open())
     assert 0.0 <= float(row["dice_liver"]) <= 1.0 and float(row["semi"]) > 0.0  # unlabeled crops were used
+    assert 0.0 < float(row["lambda_semi"]) < 0.5  # 4 steps: the first is the warm-up, the other 3 weigh 0.5
 
     assert export_main([str(out / "best.pt"), "--repository", str(repository), "--name", "asdnet"]) == 0
     model = onnx.load(str(repository / "asdnet" / "1" / "model.onnx"))

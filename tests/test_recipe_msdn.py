@@ -1,4 +1,5 @@
-"""MSDN: dilations, binary sSE, anchors and box coding, focal loss by hand, matching, which networks a weak batch
+"""MSDN: dilations, dropout after every stage, binary sSE, the detection unit's two towers, anchors and box coding,
+focal loss by hand, matching, the segmentation loss (Dice with background, optional CE), which networks a weak batch
 trains, the exported segmentation path, and a tiny run end to end."""
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mixsup.training.losses import anchor_detection_loss, sigmoid_focal_loss
+from mixsup.training.losses import anchor_detection_loss, sigmoid_focal_loss, soft_dice_loss
 from mixsup.training.models.msdn import (
     ANCHORS_PER_POSITION,
     MSDN,
@@ -64,6 +65,30 @@ def hand_batch(kind: str, count: int = 2, seed: int = 0) -> Batch:
         labels[:, 6:26, 4:24] = 1
         labels[:, 10:16, 8:14] = 2
     return Batch(kind, images=images, boxes=boxes, labels=labels)
+
+
+def segmentation_step(config: TrainConfig, batch: Batch) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """One strong-only training step of a fresh network: its logged losses, and the segmentation logits and labels
+    the step's loss saw (caught by a forward hook, so a test can recompute the loss by hand)."""
+    modules = RECIPE.build(config)
+    seen: list[torch.Tensor] = []
+    modules["msdn"].register_forward_hook(lambda m, args, out: seen.append(out["segmentation"].detach()))
+    losses = RECIPE.train_step("train", dict(modules.items()), {STRONG: batch},
+                               RECIPE.optimizers("train", modules, config), config)
+    return losses, seen[0], batch.labels
+
+
+def stage_blocks(network: MSDN) -> list[nn.Module]:
+    """Every stage of both U-Nets: both encoders (with the bottleneck) and both decoders."""
+    return [*network.segmentation.segmentation_encoder.blocks, *network.segmentation.decoder.blocks,
+            *network.detection_encoder.blocks, *network.detection_decoder.blocks]
+
+
+def tower_convs(network: MSDN) -> list[nn.Conv2d]:
+    """The detection unit's 3x3 convs at the unit's width (the towers' layers; the heads change the width)."""
+    width = network.detection_projections[0].out_channels
+    return [m for m in network.detection_unit.modules() if isinstance(m, nn.Conv2d)
+            and m.kernel_size == (3, 3) and m.in_channels == m.out_channels == width]
 
 
 def gradients(module: nn.Module) -> list[torch.Tensor | None]:
@@ -129,6 +154,32 @@ def test_gates_sit_after_every_encoder_stage_and_the_bottleneck_and_feed_the_nex
             assert torch.equal(seen["block"][index + 1][0], nn.functional.max_pool2d(out, 2))
 
 
+def test_dropout_follows_every_stage_of_both_unets_with_the_configured_rate():
+    for options, rate in (({}, 0.1), ({"dropout": 0.3}, 0.3)):  # 0.1 by default
+        network = RECIPE.build(tiny_config(**options))["msdn"]
+        blocks = stage_blocks(network)
+        assert len(blocks) == 2 * (2 * network.config.depth + 1)
+        for block in blocks:
+            dropouts = [m for m in block.modules() if isinstance(m, nn.Dropout)]
+            assert len(dropouts) == 1 and dropouts[0].p == rate
+            assert isinstance(list(block)[-1], nn.Dropout)  # after the stage's convs, not between them
+
+
+def test_dropout_perturbs_training_but_eval_and_the_export_are_deterministic():
+    images = torch.randn(2, 3, SIDE, SIDE) * 150
+
+    def two_passes(rate: float, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        network = RECIPE.segmentation_network(RECIPE.build(tiny_config(dropout=rate))).train(train)
+        with torch.no_grad():
+            return network(images), network(images)
+
+    first, second = two_passes(0.5, train=True)
+    assert (first - second).abs().max() > 1e-4  # dropout draws a new mask every training pass
+    assert torch.equal(*two_passes(0.0, train=True))  # ... and is the only source of that randomness
+    assert torch.equal(*two_passes(0.5, train=False))  # eval (validation, export): dropout is off
+
+
 # ------------------------------------------------------------------------------------------------ anchors
 @pytest.mark.parametrize("height,width,stride", [(6, 6, 8), (12, 5, 4), (48, 48, 1)])
 def test_anchor_count_is_positions_times_nine(height, width, stride):
@@ -158,7 +209,7 @@ def test_detection_unit_outputs_one_prediction_per_anchor_of_every_decoder_scale
 
 
 def test_one_detection_unit_is_shared_by_all_decoder_scales():
-    network = MSDN(MSDNConfig(base_channels=2, depth=3))
+    network = MSDN(MSDNConfig(base_channels=2, depth=3)).eval()  # eval: no dropout between the two passes
     units = [m for m in network.modules() if type(m).__name__ == "DetectionUnit"]
     assert len(units) == 1
     # Its weights act on every scale: changing the class head's bias moves the logits of every anchor.
@@ -168,6 +219,38 @@ def test_one_detection_unit_is_shared_by_all_decoder_scales():
         network.detection_unit.classify.bias.add_(1.0)
         after = network.detect(network.detection_encoder(windowed))["class_logits"]
     assert torch.allclose(after - before, torch.ones_like(before), atol=1e-5)
+
+
+def test_detection_unit_has_a_classification_tower_and_a_separate_box_tower():
+    network = MSDN(MSDNConfig(base_channels=2, depth=3)).eval()
+    convs = tower_convs(network)
+    assert len(convs) == 8
+    # Each tower layer feeds exactly one head: perturbing it moves the class logits or the box deltas, never both.
+    windowed = network.segmentation.window(torch.randn(1, 3, SIDE, SIDE) * 150)
+    with torch.no_grad():
+        features = network.detection_encoder(windowed)
+        reference = network.detect(features)
+        moved = []
+        for conv in convs:
+            conv.bias.add_(1.0)
+            outputs = network.detect(features)
+            conv.bias.sub_(1.0)
+            moved.append(tuple(not torch.allclose(outputs[key], reference[key]) for key in ("class_logits",
+                                                                                             "box_deltas")))
+    assert sorted(moved) == [(False, True)] * 4 + [(True, False)] * 4
+    for tower in (network.detection_unit.class_tower, network.detection_unit.box_tower):
+        assert [type(m) for m in tower] == [nn.Conv2d, nn.ReLU] * 4  # RetinaNet's subnets: 4 x (conv3x3 + ReLU)
+
+
+def test_detection_width_defaults_to_sixteen_base_channels_and_is_an_option():
+    for options, width in (({}, 16 * 4), ({"detection_width": 24}, 24)):
+        config = tiny_config(**options)
+        network = RECIPE.build(config)["msdn"]
+        assert config.base_channels == 4
+        assert {(c.in_channels, c.out_channels) for c in tower_convs(network)} == {(width, width)}
+        assert len(tower_convs(network)) == 8
+        assert all(p.out_channels == width for p in network.detection_projections)
+    assert MSDNConfig().tower_channels == 256  # the paper's (RetinaNet's) width at the default 16 base channels
 
 
 def test_box_encoding_round_trips_and_matches_the_standard_formula():
@@ -306,6 +389,25 @@ def test_strong_batch_alone_trains_both_nets_and_options_reach_the_loss():
     assert math.isclose(losses["loss"], losses["dice"], rel_tol=1e-6)  # detection weighted out
     assert has_gradient(network.segmentation.decoder) and has_gradient(network.detection_encoder)
     assert not has_gradient(network.detection_unit)
+
+
+def test_segmentation_dice_counts_background_as_a_class():
+    torch.manual_seed(0)
+    losses, logits, labels = segmentation_step(tiny_config(detection_weight=0.0), hand_batch(STRONG))
+    with_background = soft_dice_loss(logits, labels, (0, 1, 2)).item()
+    assert not math.isclose(with_background, soft_dice_loss(logits, labels, (1, 2)).item(), rel_tol=1e-3)
+    assert math.isclose(losses["dice"], with_background, rel_tol=1e-5)
+    assert math.isclose(losses["loss"], with_background, rel_tol=1e-5)  # ce_weight 0 by default: Dice only
+
+
+def test_ce_weight_adds_pixel_cross_entropy_to_the_segmentation_loss():
+    torch.manual_seed(0)
+    losses, logits, labels = segmentation_step(tiny_config(detection_weight=0.0, ce_weight=0.5), hand_batch(STRONG))
+    cross_entropy = nn.functional.cross_entropy(logits, labels).item()
+    assert cross_entropy > 0.1
+    assert math.isclose(losses["loss"], losses["dice"] + 0.5 * cross_entropy, rel_tol=1e-5)
+    assert math.isclose(losses["dice"], soft_dice_loss(logits, labels, (0, 1, 2)).item(), rel_tol=1e-5)
+    assert math.isclose(losses["ce"], cross_entropy, rel_tol=1e-5)  # logged unweighted
 
 
 def test_detection_loss_decreases_on_a_repeated_weak_batch():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 from types import SimpleNamespace
 
@@ -156,7 +157,8 @@ def test_end_of_teacher_stage_writes_soft_labels_of_every_weak_case():
     modules = RECIPE.build(tiny_config())
     volumes = [SimpleNamespace(case=str(i), hu=np.full((3, 16, 16), 40 * i, np.int16),
                                boxes=np.zeros((2, 3, 16, 16), np.uint8)) for i in range(2)]
-    saved, asked = {}, []
+    saved, asked, logged = {}, [], {}
+    hidden = {"0": np.zeros((3, 16, 16), np.uint8)}  # case 1 has no hidden mask: it is not scored
 
     class Context:
         def volumes(self, kind):
@@ -166,11 +168,25 @@ def test_end_of_teacher_stage_writes_soft_labels_of_every_weak_case():
         def save_soft_labels(self, case, probabilities):
             saved[case] = probabilities
 
+        def hidden_labels(self, case, shape):
+            assert tuple(shape) == (3, 16, 16)
+            return hidden.get(case)
+
+        def log_stage_result(self, name, values):
+            logged[name] = values
+
     RECIPE.end_stage("student", modules, Context())
-    assert not saved
+    assert not saved and not logged
     RECIPE.end_stage("teacher", modules, Context())
     assert asked == [WEAK] and sorted(saved) == ["0", "1"]
     assert all(p.shape == (3, 3, 16, 16) and p.dtype == np.float16 for p in saved.values())
+    # The pseudo-labels' Dice against the hidden mask, from their argmax: an all-background truth scores 1 for a
+    # class exactly when the teacher predicts none of it.
+    quality = logged["pseudo_label_quality"]
+    predicted = saved["0"].astype(np.float32).argmax(axis=0)
+    assert quality["weak_cases_scored"] == 1
+    assert quality["dice_liver"] == (1.0 if not (predicted > 0).any() else 0.0)
+    assert quality["dice_lesion"] == (1.0 if not (predicted == 2).any() else 0.0)
 
 
 # ------------------------------------------------------------------------------------- localization branch
@@ -242,28 +258,56 @@ def test_weighted_cross_entropy_by_hand_on_two_pixels():
     assert weighted_soft_cross_entropy(logits, soft, weights).item() == pytest.approx(expected_soft, rel=1e-6)
 
     # CE_seg + alpha * CE_loc: localization logits (ln 3, 0, 0) on both pixels, box classes (organ, background).
+    # The weights are the localization term's only: CE_seg is the plain mean over pixels (Eq. 4).
     localization = torch.tensor([[math.log(3.0), 0.0, 0.0]] * 2).T.reshape(1, 3, 1, 2)
     box_classes = torch.tensor([[[1, 0]]])
     expected_loc = (0.1 * math.log(5) + 0.1 * math.log(5 / 3)) / 0.2  # p = 1/5 and 3/5
+    expected_seg = (0.5 * math.log(3) + 0.5 * math.log(3) + math.log(2)) / 2
     for alpha in (1.0, 0.5):
         losses = segmentation_localization_loss(logits, soft, localization, box_classes, weights, alpha)
+        assert losses["segmentation"].item() == pytest.approx(expected_seg, rel=1e-6)
         assert losses["localization"].item() == pytest.approx(expected_loc, rel=1e-6)
-        assert losses["loss"].item() == pytest.approx(expected_soft + alpha * expected_loc, rel=1e-6)
+        assert losses["loss"].item() == pytest.approx(expected_seg + alpha * expected_loc, rel=1e-6)
+
+
+def test_student_segmentation_loss_is_minimised_by_the_soft_target_itself():
+    """A soft pseudo-label (0, 0.8, 0.2) must train the student towards exactly those probabilities. With the
+    class weights (0.1, 0.1, 1.0) on this term, as before, the optimum was p(lesion) = 0.2 / (0.08 + 0.2) ~ 0.71."""
+    target = torch.tensor([0.0, 0.8, 0.2]).reshape(1, 3, 1, 1)
+    logits = torch.log(target.clamp_min(1e-6)).requires_grad_(True)
+    localization, box_classes = torch.zeros(1, 3, 1, 1), torch.tensor([[[1]]])
+    losses = segmentation_localization_loss(logits, target, localization, box_classes, torch.tensor([0.1, 0.1, 1.0]))
+    losses["segmentation"].backward()
+    assert logits.grad.abs().max().item() < 1e-5  # a stationary point: the target is the optimum
 
 
 def test_recipe_defaults_are_the_papers():
     config = tiny_config()
     assert RECIPE.STAGES == ("teacher", "student")
     assert RECIPE.option(config, "alpha") == 1.0
-    assert RECIPE.class_weights(config).tolist() == pytest.approx([0.1, 0.1, 1.0])
-    overridden = dataclasses.replace(config, options={"alpha": 0.25, "weight_lesion": 2.0})
+    assert RECIPE.localization_weights(config).tolist() == pytest.approx([0.1, 0.1, 1.0])
+    overridden = dataclasses.replace(config, options={"alpha": 0.25, "localization_weight_lesion": 2.0})
     assert RECIPE.option(overridden, "alpha") == 0.25
-    assert RECIPE.class_weights(overridden).tolist() == pytest.approx([0.1, 0.1, 2.0])
+    assert RECIPE.localization_weights(overridden).tolist() == pytest.approx([0.1, 0.1, 2.0])
+    # The paper's teacher sees the boxes only through O2L attention: its input is the 3 slices alone.
+    assert RECIPE.build(config)["teacher"].encoder.blocks[0][0].in_channels == 3
     assert RECIPE.epochs("teacher", config) == RECIPE.epochs("student", config) == config.epochs
     own = dataclasses.replace(config, options={"teacher_epochs": 5})
     assert (RECIPE.epochs("teacher", own), RECIPE.epochs("student", own)) == (5, config.epochs)
     student = RECIPE.build(overridden)["student"]
     assert not hasattr(student, "alpha") and not hasattr(student, "class_weights")  # the step reads the config
+
+
+def test_teacher_takes_boxes_as_input_channels_only_when_asked():
+    """The SCN ablation: box masks stacked onto the slices. Without it the boxes still steer the teacher (through
+    O2L attention), and both variants rebuild from their config as export does."""
+    hu, boxes = torch.randn(1, 3, 32, 32) * 200, box_masks(1, 32)
+    for box_input, channels in ((False, 3), (True, 5)):
+        config = dataclasses.replace(tiny_config(), options={"teacher_box_input": box_input})
+        teacher = RECIPE.build(config)["teacher"].eval()
+        assert teacher.encoder.blocks[0][0].in_channels == channels
+        with torch.no_grad():
+            assert not torch.allclose(teacher(hu, boxes), teacher(hu, torch.zeros_like(boxes)))
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -289,7 +333,8 @@ def test_each_stage_trains_only_its_network():
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(trained + "."))
 
     with pytest.raises(ValueError, match="soft_labels"):
-        RECIPE.student_losses(modules["student"], {WEAK: Batch(WEAK, hu, boxes)}, RECIPE.class_weights(config), 1.0)
+        RECIPE.student_losses(modules["student"], {WEAK: Batch(WEAK, hu, boxes)},
+                              RECIPE.localization_weights(config), 1.0)
 
 
 def test_validation_scores_the_teacher_with_boxes_then_the_student():
@@ -311,9 +356,34 @@ def test_tiny_run_trains_both_stages_and_exports(tmp_path, monkeypatch):
     data, run, repository = tmp_path / "data", tmp_path / "run", tmp_path / "repo"
     assert data_main(["phantoms", str(data), "--n", "6", "--seed", "3", "--shape", "16", "96", "96",
                       "--weak-fraction", "0.5", "-q"]) == 0
+    # The teacher's validation peaks in its first epoch (scores replaced): the student must learn from the
+    # pseudo-labels of that teacher, not of its last epoch.
+    import mixsup.training.trainer as trainer
+
+    real_scores, real_save, teacher_states = trainer.dice_scores, trainer.save_checkpoint, {}
+
+    def teacher_peaks_first(pairs):
+        scores = real_scores(pairs)
+        epoch = len(teacher_states) + 1
+        return {key: (1.0 if epoch == 1 else 0.0) for key in scores} if epoch <= 3 else scores
+
+    def recording_save(path, payload):
+        if payload["stage"] == 0 and path.name == "last.pt":
+            teacher_states[payload["epoch"]] = {k: v.clone() for k, v in payload["state_dict"].items()
+                                                if k.startswith("teacher.")}
+        real_save(path, payload)
+
+    monkeypatch.setattr(trainer, "dice_scores", teacher_peaks_first)
+    monkeypatch.setattr(trainer, "save_checkpoint", recording_save)
     # More teacher epochs than the run's 2: its learning-rate schedule must span its own epochs, or it overruns.
     assert train_main([RECIPE.NAME, "--data", str(data), "--out", str(run), "--preset", "tiny", "--no-progress",
                        "--set", "teacher_epochs=3"]) == 0
+    final = load_checkpoint(run / "last.pt")["state_dict"]
+    assert sorted(teacher_states) == [1, 2, 3]
+    assert all(torch.equal(final[k], teacher_states[1][k]) for k in teacher_states[1])
+    assert any(not torch.equal(final[k], teacher_states[3][k]) for k in teacher_states[3])
+    quality = json.loads((run / "pseudo_label_quality.json").read_text())
+    assert quality["weak_cases_scored"] == 3 and 0.0 <= quality["dice_liver"] <= 1.0
     payload = load_checkpoint(run / "best.pt")
     assert payload["recipe"] == RECIPE.NAME and payload["stage"] == 1  # best.pt comes from the student stage
     history = load_checkpoint(run / "last.pt")["history"]

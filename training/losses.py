@@ -52,32 +52,88 @@ def one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def segmentation_localization_loss(segmentation_logits: torch.Tensor, segmentation_targets: torch.Tensor,
                                    localization_logits: torch.Tensor, localization_labels: torch.Tensor,
-                                   class_weights: torch.Tensor, alpha: float = 1.0) -> dict[str, torch.Tensor]:
-    """The student's ``CE_seg + alpha * CE_loc``; both terms class-weighted with the same ``class_weights``.
+                                   localization_weights: torch.Tensor, alpha: float = 1.0) -> dict[str, torch.Tensor]:
+    """The student's ``CE_seg + alpha * CE_loc`` (the paper's Eq. 4).
 
-    ``segmentation_targets`` [N, C, h, w] are probabilities (one-hot for masks, soft for pseudo-labels);
-    ``localization_labels`` [N, h, w] are box-derived classes (background / organ box / lesion box).
+    ``CE_seg`` is the plain (unweighted) cross-entropy against ``segmentation_targets`` [N, C, h, w]
+    (one-hot for masks, soft for pseudo-labels). Only ``CE_loc`` is class-weighted, with
+    ``localization_weights`` (background / organ box / lesion box): the paper weighs lesion 1.0 and liver 0.1 "in
+    the localization loss". Weighing the segmentation term too would pull a soft target of (0, 0.8, 0.2) towards
+    p(lesion) ~ 0.7. ``localization_labels`` [N, h, w] are box-derived classes.
     Returns ``{"loss", "segmentation", "localization"}``.
     """
-    segmentation = weighted_soft_cross_entropy(segmentation_logits, segmentation_targets, class_weights)
+    segmentation = weighted_soft_cross_entropy(segmentation_logits, segmentation_targets)
     localization = weighted_soft_cross_entropy(
-        localization_logits, one_hot_targets(localization_labels, localization_logits.shape[1]), class_weights)
+        localization_logits, one_hot_targets(localization_labels, localization_logits.shape[1]), localization_weights)
     return {"loss": segmentation + alpha * localization, "segmentation": segmentation,
             "localization": localization}
 
 
 # ------------------------------------------------------------------------------------------ asdnet
+#: Label of the background class, which every crop's target is scored against when it holds no foreground.
+BACKGROUND = 0
+
+
+def class_soft_dice(probabilities: torch.Tensor, target: torch.Tensor, classes: Sequence[int],
+                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft Dice of each sample and each of ``classes`` [N, K], and whether the class is in the sample's target
+    [N, K] (bool). ``probabilities`` [N, C, ...] (a softmax), ``target`` [N, ...]."""
+    p = probabilities[:, list(classes)].flatten(2)
+    t = torch.stack([target == label for label in classes], dim=1).flatten(2).to(p.dtype)
+    volume = t.sum(2)
+    return (2.0 * (p * t).sum(2) + eps) / (p.sum(2) + volume + eps), volume > 0
+
+
 def per_sample_soft_dice(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[int] = (1, 2),
                          eps: float = 1e-5) -> torch.Tensor:
-    """Soft Dice of each sample [N], averaged over ``classes``; a class absent from both the target and the
-    prediction of a sample scores 1 there (``eps / eps``). ``logits`` [N, C, ...], ``target`` [N, ...]."""
+    """Soft Dice of each sample [N]: the mean over those of ``classes`` present in the sample's target; a sample
+    with none of them present is scored by its background Dice. ``logits`` [N, C, ...], ``target`` [N, ...].
+
+    Not the mean over all of ``classes``: a softmax is never exactly 0, so a class absent from the target scores
+    ``eps / (sum p + eps)`` ~ 0 however empty its prediction, and every lesion-free crop would look like a failure
+    to the sample attention. Here a perfect lesion-free crop scores ~1, and a crop without foreground still loses
+    Dice as foreground is predicted on it (its background Dice drops). False positives of an absent class beside
+    a present one are not counted here; the generalized Dice (:func:`per_sample_generalized_dice`) counts them.
+    """
     probabilities = torch.softmax(logits, dim=1)
-    scores = []
-    for label in classes:
-        p = probabilities[:, label].flatten(1)
-        t = (target == label).flatten(1).to(p.dtype)
-        scores.append((2.0 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps))
-    return torch.stack(scores, dim=1).mean(dim=1)
+    dice, present = class_soft_dice(probabilities, target, classes, eps)
+    counted = present.to(dice.dtype)
+    present_mean = (dice * counted).sum(1) / counted.sum(1).clamp_min(1.0)
+    background = class_soft_dice(probabilities, target, (BACKGROUND,), eps)[0][:, 0]
+    return torch.where(present.any(1), present_mean, background)
+
+
+def generalized_dice_class_weights(volume: torch.Tensor) -> torch.Tensor:
+    """Sudre et al.'s class weights ``1 / volume^2`` per sample [N, C] from the target volumes [N, C], normalised
+    to sum 1 per sample.
+
+    A class absent from a sample (weight 1/0) takes the largest weight of the sample's present classes, the
+    NiftyNet / MONAI convention: predicting it then costs as much as missing the rarest present class, instead of
+    an infinite (or, dropped, no) penalty. Normalising changes no Dice (a ratio of weighted sums) but keeps ``eps``
+    negligible against the weighted sums, whose raw scale is 1 / volume.
+    """
+    present = volume > 0
+    weights = torch.where(present, volume.clamp_min(1.0) ** -2, torch.zeros_like(volume))
+    weights = torch.where(present, weights, weights.amax(dim=1, keepdim=True))
+    return weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def per_sample_generalized_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Generalized Dice (Sudre et al. 2017) of each sample [N] over every class, background included:
+    ``2 sum_c w_c sum_i p_ic t_ic / sum_c w_c sum_i (p_ic + t_ic)``, ``w`` from
+    :func:`generalized_dice_class_weights` (computed from the target: no gradient).
+
+    All classes, as Sudre et al. define it and ASDNet uses it: where foreground is present the 1/volume^2 weight
+    makes background negligible, and on a crop without foreground background is what scores the crop.
+    """
+    probabilities = torch.softmax(logits, dim=1)
+    p = probabilities.flatten(2)
+    t = one_hot_targets(target, probabilities.shape[1]).flatten(2).to(p.dtype)
+    volume = t.sum(2)
+    weights = generalized_dice_class_weights(volume)
+    overlap = (weights * (p * t).sum(2)).sum(1)
+    total = (weights * (p.sum(2) + volume)).sum(1)
+    return (2.0 * overlap + eps) / (total + eps)
 
 
 def sample_attention_weights(sample_dice: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
@@ -88,11 +144,14 @@ def sample_attention_weights(sample_dice: torch.Tensor, beta: float = 2.0) -> to
 
 def sample_attention_dice_loss(logits: torch.Tensor, target: torch.Tensor, beta: float = 2.0,
                                classes: Sequence[int] = (1, 2), eps: float = 1e-5) -> torch.Tensor:
-    """``mean_n (1 - dsc_n)^beta * (1 - dsc_n)``: each sample's soft Dice loss times its detached attention
-    weight (:func:`sample_attention_weights`). The mean over samples (the paper writes a sum) keeps the scale
-    independent of the batch size."""
-    dice = per_sample_soft_dice(logits, target, classes, eps)
-    return (sample_attention_weights(dice, beta) * (1.0 - dice)).mean()
+    """ASDNet's Dice term ``mean_n (1 - dsc_n)^beta * (1 - GD_n)``: each sample's generalized Dice loss
+    (:func:`per_sample_generalized_dice`, the paper's segmentation Dice) times its detached attention weight
+    (:func:`sample_attention_weights`). ``dsc_n`` is the sample's soft Dice over the foreground ``classes``
+    present in it (:func:`per_sample_soft_dice`): how well the structures the crop holds are segmented is the
+    difficulty the attention means, and a well-segmented lesion-free crop is easy (weight ~0). The mean over
+    samples (the paper writes a sum) keeps the scale independent of the batch size."""
+    attention = sample_attention_weights(per_sample_soft_dice(logits, target, classes, eps), beta)
+    return (attention * (1.0 - per_sample_generalized_dice(logits, target, eps))).mean()
 
 
 def confidence_mask(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -119,6 +178,20 @@ def confidence_bce(confidence_logits: torch.Tensor, is_ground_truth: bool) -> to
 
 
 # ------------------------------------------------------------------------------------------ msdn
+def dice_with_cross_entropy(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[int],
+                            ce_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """MSDN's segmentation loss: soft Dice over ``classes`` plus ``ce_weight`` x per-pixel cross-entropy.
+
+    MSDN passes background with the foreground classes (the paper "treats the background as another class"), so
+    the Dice term itself rewards calling a pixel outside the liver background rather than lesion. ``ce_weight``
+    0 is the paper's loss; a positive weight adds the usual cross-entropy term, an option beyond the paper.
+    The cross-entropy is returned unweighted for logging. Returns ``{"loss", "dice", "ce"}``.
+    """
+    dice = soft_dice_loss(logits, target, classes)
+    cross_entropy = F.cross_entropy(logits, target)
+    return {"loss": dice + ce_weight * cross_entropy, "dice": dice, "ce": cross_entropy}
+
+
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
                        gamma: float = 2.0) -> torch.Tensor:
     """Element-wise focal loss ``-a_t (1 - p_t)^gamma log(p_t)`` of independent sigmoid classes (Lin et al.).

@@ -1,11 +1,12 @@
 """MSDN, the Mixed-Supervised Dual-Network: a segmentation U-Net steered by a detection U-Net.
 
 Two U-Nets of ``2 * depth + 1`` stages (the paper's 9 for ``depth=4``), each stage two dilated 3x3
-conv+BN+ReLU layers (:class:`~mixsup.training.models.unet.ConvBlock`). After every encoder stage and the
+conv+BN+ReLU layers (:class:`~mixsup.training.models.unet.ConvBlock`) followed by dropout, as the paper puts
+dropout after each stage (:func:`add_stage_dropout`; identity in eval mode). After every encoder stage and the
 bottleneck a binary sSE gate squeezes the *detection* feature to a sigmoid spatial map that re-weights the
 *segmentation* feature of the same scale, so what the detector learns from boxes reaches the segmenter. A
-single-stage anchor detection unit (RetinaNet-like) is applied with the same weights to every decoder scale of the
-detection net.
+single-stage anchor detection unit (RetinaNet's: a classification tower and a box tower, each 4 x conv3x3+ReLU, 256
+wide at the default width) is applied with the same weights to every decoder scale of the detection net.
 
 Export keeps :class:`SegmentationPath` only: HU window, both encoders (the gates need the detection encoder), the
 gates, the segmentation decoder and head. The detection decoder and unit never leave training.
@@ -59,18 +60,48 @@ class MSDNConfig:
     hu_window: tuple[float, float] = (-200.0, 250.0)
     #: Classes of the detection unit: organ and lesion boxes.
     detection_classes: int = 2
-    #: Width of the detection unit; every decoder scale is projected to it so one unit serves them all.
-    #: 0 means ``2 * base_channels``: the unit also runs at full resolution, where a wider one would cost more
-    #: than the whole segmentation U-Net.
-    unit_channels: int = 0
+    #: Width of both towers of the detection unit; every decoder scale is projected to it so one unit serves them
+    #: all. 0 means ``16 * base_channels``: the paper's (RetinaNet's) 256 at the default 16 base channels, and only
+    #: 64 at the tiny preset's 4, so CPU tests stay fast. The unit also runs at full resolution, so this width
+    #: dominates the cost of a training step.
+    detection_width: int = 0
+    #: Dropout rate after every stage of both U-Nets. The paper puts dropout after each stage but states no rate
+    #: that we could find, so 0.1 (a common light rate) is our choice, not the paper's figure.
+    dropout: float = 0.1
 
     @property
     def channels(self) -> list[int]:
         return stage_channels(self.base_channels, self.depth)
 
     @property
-    def detection_width(self) -> int:
-        return self.unit_channels or 2 * self.base_channels
+    def tower_channels(self) -> int:
+        """The resolved width of the detection towers (:attr:`detection_width`, 0 -> ``16 * base_channels``)."""
+        return self.detection_width or 16 * self.base_channels
+
+
+def add_stage_dropout(blocks: nn.ModuleList, rate: float) -> None:
+    """Append dropout to every stage's conv block: the paper's dropout after each stage.
+
+    Appending to the block (a Sequential) rather than wrapping it keeps the stage one module, so hooks on a stage
+    see its output after dropout, and adds no parameters or state-dict keys. Dropout is the identity in eval mode,
+    so validation and export are deterministic.
+    """
+    for block in blocks:
+        block.append(nn.Dropout(rate))
+
+
+def msdn_encoder(config: MSDNConfig) -> Encoder:
+    """One U-Net's encoder stages and bottleneck: the first ``depth + 1`` dilations, dropout after each stage."""
+    encoder = Encoder(config.in_slices, config.channels, dilation_pattern(config.depth)[: config.depth + 1])
+    add_stage_dropout(encoder.blocks, config.dropout)
+    return encoder
+
+
+def msdn_decoder(config: MSDNConfig) -> Decoder:
+    """One U-Net's decoder stages: the last ``depth`` dilations, dropout after each stage."""
+    decoder = Decoder(config.channels, dilation_pattern(config.depth)[config.depth + 1:])
+    add_stage_dropout(decoder.blocks, config.dropout)
+    return decoder
 
 
 class DetectionGate(nn.Module):
@@ -88,31 +119,38 @@ class DetectionGate(nn.Module):
         return segmentation * torch.sigmoid(self.squeeze(detection))
 
 
-class DetectionUnit(nn.Module):
-    """Single-stage anchor head: 4 x (3x3 conv + ReLU), then a class head and a box head (RetinaNet's layers).
+def detection_tower(channels: int, layers: int = 4) -> nn.Sequential:
+    """``layers`` x (3x3 conv + ReLU) at constant width: one of RetinaNet's two subnet towers.
 
-    One tower is shared by both heads, as the MSDN paper describes its unit (RetinaNet has one tower per head).
-    No normalisation, because the same weights see every scale. Returns per-anchor class logits
-    ``[N, H*W*A, K]`` and box deltas ``[N, H*W*A, 4]``, anchors ordered position-major (row, column) then anchor,
-    the order of :func:`grid_anchors`.
+    RetinaNet draws every layer from N(0, 0.01); that shrinks activations at every layer (~3x at 256 wide, more at
+    the tiny preset's 64), so the towers get He init, which keeps the scale at any width, and only the heads 0.01.
+    No normalisation, because the same weights see every scale.
+    """
+    modules: list[nn.Module] = []
+    for _ in range(layers):
+        conv = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        modules += [conv, nn.ReLU(inplace=True)]
+    return nn.Sequential(*modules)
+
+
+class DetectionUnit(nn.Module):
+    """Single-stage anchor head, RetinaNet's: a classification tower and a separate box-regression tower, each
+    4 x (3x3 conv + ReLU), then a class head on the first and a box head on the second.
+
+    Returns per-anchor class logits ``[N, H*W*A, K]`` and box deltas ``[N, H*W*A, 4]``, anchors ordered
+    position-major (row, column) then anchor, the order of :func:`grid_anchors`.
     """
 
     def __init__(self, channels: int, num_classes: int, num_anchors: int = ANCHORS_PER_POSITION,
                  prior_probability: float = 0.01) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        for _ in range(4):
-            layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
-        self.tower = nn.Sequential(*layers)
+        self.class_tower = detection_tower(channels)
+        self.box_tower = detection_tower(channels)
         self.classify = nn.Conv2d(channels, num_anchors * num_classes, 3, padding=1)
         self.regress = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
         self.num_classes, self.num_anchors = num_classes, num_anchors
-        # RetinaNet draws every layer from N(0, 0.01), which suits its 256-wide towers; a tower a few channels
-        # wide would shrink activations ~10x per layer, so here the tower gets He init and only the heads 0.01.
-        for conv in self.tower:
-            if isinstance(conv, nn.Conv2d):
-                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-                nn.init.zeros_(conv.bias)
         for head in (self.classify, self.regress):
             nn.init.normal_(head.weight, std=0.01)
             nn.init.zeros_(head.bias)
@@ -121,8 +159,8 @@ class DetectionUnit(nn.Module):
         nn.init.constant_(self.classify.bias, -math.log((1 - prior_probability) / prior_probability))
 
     def forward(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.tower(feature)
-        return (per_anchor(self.classify(hidden), self.num_classes), per_anchor(self.regress(hidden), 4))
+        return (per_anchor(self.classify(self.class_tower(feature)), self.num_classes),
+                per_anchor(self.regress(self.box_tower(feature)), 4))
 
 
 def per_anchor(head_output: torch.Tensor, values: int) -> torch.Tensor:
@@ -140,14 +178,12 @@ class SegmentationPath(nn.Module):
     def __init__(self, config: MSDNConfig) -> None:
         super().__init__()
         self.config = config
-        channels = config.channels
-        encoder_dilations = dilation_pattern(config.depth)[: config.depth + 1]
         self.window = HUWindow(config.hu_window)
-        self.segmentation_encoder = Encoder(config.in_slices, channels, encoder_dilations)
-        self.detection_encoder = Encoder(config.in_slices, channels, encoder_dilations)
-        self.gates = nn.ModuleList(DetectionGate(c) for c in channels)
-        self.decoder = Decoder(channels, dilation_pattern(config.depth)[config.depth + 1:])
-        self.head = nn.Conv2d(channels[0], config.num_classes, 1)
+        self.segmentation_encoder = msdn_encoder(config)
+        self.detection_encoder = msdn_encoder(config)
+        self.gates = nn.ModuleList(DetectionGate(c) for c in config.channels)
+        self.decoder = msdn_decoder(config)
+        self.head = nn.Conv2d(config.channels[0], config.num_classes, 1)
 
     @property
     def size_divisor(self) -> int:
@@ -178,14 +214,13 @@ class MSDN(nn.Module):
     def __init__(self, config: MSDNConfig = MSDNConfig()) -> None:
         super().__init__()
         self.config = config
-        channels = config.channels
         self.segmentation = SegmentationPath(config)
-        self.detection_decoder = Decoder(channels, dilation_pattern(config.depth)[config.depth + 1:])
+        self.detection_decoder = msdn_decoder(config)
         # Decoder scales have different widths; a 1x1 projection per scale lets one unit serve them all (as FPN
         # lateral convs do for RetinaNet).
-        self.detection_projections = nn.ModuleList(nn.Conv2d(channels[level], config.detection_width, 1)
+        self.detection_projections = nn.ModuleList(nn.Conv2d(config.channels[level], config.tower_channels, 1)
                                                    for level in reversed(range(config.depth)))
-        self.detection_unit = DetectionUnit(config.detection_width, config.detection_classes)
+        self.detection_unit = DetectionUnit(config.tower_channels, config.detection_classes)
 
     @property
     def detection_encoder(self) -> Encoder:

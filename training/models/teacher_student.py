@@ -1,8 +1,9 @@
 """Networks of the teacher-student method (Sun et al., mixed supervision from masks and boxes).
 
-* :class:`TeacherUNet` — a box-prompted annotator: the 2.5D U-Net of :mod:`mixsup.training.models.unet` whose input
-  is the windowed slices plus the organ- and lesion-box masks, with hierarchical organ-to-lesion (O2L) attention
-  (:class:`O2LAttention`) after every encoder scale but the bottleneck.
+* :class:`TeacherUNet` — a box-prompted annotator: the 2.5D U-Net of :mod:`mixsup.training.models.unet` on the
+  windowed slices, with hierarchical organ-to-lesion (O2L) attention (:class:`O2LAttention`) after every encoder
+  scale but the bottleneck. The boxes reach it only through that attention, as in the paper; ``box_input=True``
+  also stacks the box masks onto the input channels (the paper's separate SCN ablation).
 * :class:`StudentUNet` — a plain :class:`~mixsup.training.models.unet.UNet` (the exported network) plus a
   :class:`LocalizationBranch` that aggregates every decoder scale by pixel shuffle and predicts box-derived maps
   (background / organ box / lesion box). Only ``StudentUNet.segmentation`` leaves training.
@@ -74,19 +75,22 @@ def resize_masks(masks: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class TeacherUNet(nn.Module):
-    """U-Net on ``[window(hu), organ box, lesion box]`` with O2L attention after each encoder scale.
+    """U-Net on ``window(hu)`` with O2L attention after each encoder scale.
 
     The attention sits after every encoder block that feeds a skip connection (``depth`` scales: the paper's 4 with
-    the default depth 4), before pooling, so it re-weights both the skip and everything coarser. ``forward(hu,
-    boxes)`` returns logits [N, C, h, w]; ``h, w`` must be multiples of :attr:`size_divisor`.
+    the default depth 4), before pooling, so it re-weights both the skip and everything coarser. With
+    ``box_input`` the box masks are also input channels (``[window(hu), organ box, lesion box]``), the paper's SCN
+    variant; without it (the paper's O2L teacher) the attention is the boxes' only way in. ``forward(hu, boxes)``
+    returns logits [N, C, h, w]; ``h, w`` must be multiples of :attr:`size_divisor`.
     """
 
-    def __init__(self, config: UNetConfig = UNetConfig()) -> None:
+    def __init__(self, config: UNetConfig = UNetConfig(), box_input: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.box_input = box_input
         channels = stage_channels(config.base_channels, config.depth)
         self.window = HUWindow(config.hu_window)
-        self.encoder = Encoder(config.in_slices + BOX_CHANNELS, channels)
+        self.encoder = Encoder(config.in_slices + (BOX_CHANNELS if box_input else 0), channels)
         self.attention = nn.ModuleList(O2LAttention(c) for c in channels[:-1])
         self.decoder = Decoder(channels)
         self.head = nn.Conv2d(channels[0], config.num_classes, 1)
@@ -97,7 +101,9 @@ class TeacherUNet(nn.Module):
 
     def encode(self, hu: torch.Tensor, boxes: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features of every scale (finest first), attention applied."""
-        x = torch.cat([self.window(hu), boxes.to(hu.dtype)], dim=1)
+        x = self.window(hu)
+        if self.box_input:
+            x = torch.cat([x, boxes.to(x.dtype)], dim=1)
         features = []
         for level, block in enumerate(self.encoder.blocks):
             x = block(x if level == 0 else self.encoder.pool(x))

@@ -2,9 +2,18 @@
 
 Each step runs one forward of :class:`~mixsup.training.models.msdn.MSDN` on the strong and weak crops together:
 the detection net (encoder, decoder, shared anchor unit) sees all of them, the segmentation net (gated by the
-detection encoder) only the strong ones. Loss = Dice on the segmentation logits of strong crops +
-``detection_weight`` x (focal + smooth-L1) on all crops. A weak crop therefore never sends gradient into the
-segmentation encoder, decoder or head; it still trains the detection encoder that gates segmentation.
+detection encoder) only the strong ones. Loss = segmentation loss on the strong crops + ``detection_weight`` x
+(focal + smooth-L1) on all crops. A weak crop therefore never sends gradient into the segmentation encoder, decoder
+or head; it still trains the detection encoder that gates segmentation.
+
+The segmentation loss is soft Dice over background, liver and lesion (:data:`DICE_CLASSES`): the paper treats the
+background as another class, so the Dice term itself decides background against lesion outside the liver. Option
+``ce_weight`` (default 0.0, the paper's loss) adds ``ce_weight`` x per-pixel cross-entropy to it, for runs or
+benchmarks that want the usual Dice + CE pairing; the step logs the unweighted ``ce`` either way.
+
+Options ``dropout`` (rate after every stage of both U-Nets, default 0.1) and ``detection_width`` (width of the
+detection unit's two towers, 0 = 16 x base_channels) shape the network; see
+:class:`~mixsup.training.models.msdn.MSDNConfig`.
 
 Detection ground truth comes from :attr:`Batch.boxes`: each 4-connected component of a box-mask channel is one
 box (its bounding rectangle), class 0 for the organ channel and 1 for the lesion channel. Consequences, by design
@@ -28,7 +37,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from mixsup.training.losses import anchor_detection_loss, soft_dice_loss
+from mixsup.training.losses import anchor_detection_loss, dice_with_cross_entropy
 from mixsup.training.models.msdn import (
     MSDN,
     MSDNConfig,
@@ -39,15 +48,15 @@ from mixsup.training.models.msdn import (
 from mixsup.training.recipes.base import STRONG, WEAK, Batch, Recipe, unwrap
 
 NAME = "msdn"
-#: Classes of the segmentation Dice loss (liver, lesion), as in the other recipes.
-DICE_CLASSES = (1, 2)
+#: Classes of the segmentation Dice loss: background, liver, lesion (the paper counts background as a class).
+DICE_CLASSES = (0, 1, 2)
 #: ``anchor_state`` values of :func:`match_anchors`.
 POSITIVE, NEGATIVE, IGNORED = 1, 0, -1
 
 
 @dataclass(frozen=True)
-class DetectionSettings:
-    """The detection loss's hyperparameters, read from a run's recipe options by :meth:`MSDNRecipe.settings`."""
+class LossSettings:
+    """The loss's hyperparameters, read from a run's recipe options by :meth:`MSDNRecipe.settings`."""
 
     anchor_size: float
     positive_iou: float
@@ -56,6 +65,7 @@ class DetectionSettings:
     focal_gamma: float
     smooth_l1_beta: float
     detection_weight: float
+    ce_weight: float
 
 
 def boxes_from_box_masks(box_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,18 +132,21 @@ class MSDNRecipe(Recipe):
         # stride is for strides 8-128; our decoder scales have strides 1-8 (1-4 at depth 3), so 8 x stride lets
         # the coarsest scale cover organ-sized boxes (~100 px at stride 8 and the largest anchor scale).
         "anchor_size": 8.0,
-        # Width of the shared detection unit; 0: 2 x base_channels (see MSDNConfig.unit_channels).
-        "unit_channels": 0,
+        # Width of both towers of the shared detection unit; 0: 16 x base_channels (see MSDNConfig).
+        "detection_width": MSDNConfig.detection_width,
+        "dropout": MSDNConfig.dropout,  # after every stage of both U-Nets (see MSDNConfig)
+        "ce_weight": 0.0,  # weight of a cross-entropy term added to the Dice loss; 0 is the paper's loss
     }
 
-    def settings(self, config) -> DetectionSettings:
-        """The detection loss's hyperparameters of a run."""
-        names = [f.name for f in dataclasses.fields(DetectionSettings)]
-        return DetectionSettings(**{key: float(self.option(config, key)) for key in names})
+    def settings(self, config) -> LossSettings:
+        """The loss's hyperparameters of a run."""
+        names = [f.name for f in dataclasses.fields(LossSettings)]
+        return LossSettings(**{key: float(self.option(config, key)) for key in names})
 
     def build(self, config) -> nn.ModuleDict:
         network = MSDN(MSDNConfig(base_channels=config.base_channels, depth=config.depth,
-                                  unit_channels=int(self.option(config, "unit_channels"))))
+                                  detection_width=int(self.option(config, "detection_width")),
+                                  dropout=float(self.option(config, "dropout"))))
         return nn.ModuleDict({"msdn": network})
 
     def batch_sizes(self, stage: str, config) -> dict[str, int]:
@@ -159,12 +172,13 @@ class MSDNRecipe(Recipe):
                                           alpha=settings.focal_alpha, gamma=settings.focal_gamma,
                                           beta=settings.smooth_l1_beta)
         loss = settings.detection_weight * detection["loss"]
-        logged = {"dice": float("nan"), "focal": detection["classification"].item(),
+        logged = {"dice": float("nan"), "ce": float("nan"), "focal": detection["classification"].item(),
                   "smooth_l1": detection["regression"].item()}
         if strong is not None:
-            dice = soft_dice_loss(outputs["segmentation"], strong.labels, DICE_CLASSES)
-            loss = loss + dice
-            logged["dice"] = dice.item()
+            segmentation = dice_with_cross_entropy(outputs["segmentation"], strong.labels, DICE_CLASSES,
+                                                   settings.ce_weight)
+            loss = loss + segmentation["loss"]
+            logged.update(dice=segmentation["dice"].item(), ce=segmentation["ce"].item())
 
         for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)

@@ -1,17 +1,21 @@
 """Teacher-student with organ-to-lesion attention (Sun et al.): learn from a few masks plus many boxes.
 
 Stage ``teacher``: a box-prompted U-Net (:class:`~mixsup.training.models.teacher_student.TeacherUNet`) learns on
-strong crops, from their slices *and* their box masks, with plain cross-entropy (the paper's teacher loss). At the
-end of the stage it annotates every weak case: :func:`pseudo_labels` runs it on whole slices with the case's boxes
+strong crops, its box masks entering only through the O2L attention (the paper; ``teacher_box_input=true`` also
+stacks them onto the input, the paper's SCN ablation), with plain cross-entropy (the paper's teacher loss). The
+trainer ends the stage with the teacher of its best validation epoch (liver + lesion Dice with boxes), not the
+last. That teacher annotates every weak case: :func:`pseudo_labels` runs it on whole slices with the case's boxes
 and keeps the softmax probabilities as **soft** pseudo-labels (not argmax: the teacher's uncertainty at box
-edges stays in the targets).
+edges stays in the targets). Where a weak case's mask is kept aside (``hidden/`` of a phantom split), the
+pseudo-labels' Dice against it is logged to ``pseudo_labels/quality.json``: it is the method's key signal, since
+the student can only be as good as its targets.
 
 Stage ``student``: a plain U-Net with a training-only localization branch learns on strong crops (hard labels)
-and pseudo-labelled weak crops (soft labels) with ``CE_seg + alpha * CE_loc``; the localization target is the
-box-derived map (background / organ box / lesion box) that both kinds of crops carry. Both terms use the class
-weights (background, liver, lesion) = (0.1, 0.1, 1.0): the paper gives lesion 1.0 and liver 0.1; background, the
-most frequent class in a crop, gets the liver's 0.1 rather than more (our choice; the paper is silent), so a
-lesion pixel weighs ten times any other. Only the student's U-Net is exported.
+and pseudo-labelled weak crops (soft labels) with ``CE_seg + alpha * CE_loc`` (Eq. 4); the localization target is
+the box-derived map (background / organ box / lesion box) that both kinds of crops carry. ``CE_seg`` is
+unweighted; only ``CE_loc`` carries class weights (background, liver, lesion) = (0.1, 0.1, 1.0): the paper gives
+lesion 1.0 and liver 0.1 "in the localization loss"; background, the most frequent class in a crop, gets the
+liver's 0.1 rather than more (our choice; the paper is silent). Only the student's U-Net is exported.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixsup.metrics import GlobalDice
 from mixsup.stacks import AIR_HU, slice_stack_indices
 from mixsup.training.losses import one_hot_targets, segmentation_localization_loss
 from mixsup.training.models.teacher_student import StudentUNet, TeacherUNet
@@ -100,24 +105,26 @@ class TeacherStudentRecipe(Recipe):
     NAME = NAME
     STAGES = ("teacher", "student")
     DEFAULTS: dict[str, Any] = {
-        "alpha": 1.0,                 # weight of the localization CE
-        "weight_background": 0.1,     # class weights of both student CE terms (see the module docstring)
-        "weight_liver": 0.1,
-        "weight_lesion": 1.0,
-        "weak_fraction": 0.5,         # share of each student batch drawn from pseudo-labelled weak cases
-        "teacher_epochs": 0,          # 0: config.epochs
+        "alpha": 1.0,                       # weight of the localization CE
+        "localization_weight_background": 0.1,  # class weights of the localization CE only (module docstring)
+        "localization_weight_liver": 0.1,
+        "localization_weight_lesion": 1.0,
+        "teacher_box_input": False,         # boxes also as teacher input channels (the paper's SCN ablation)
+        "weak_fraction": 0.5,               # share of each student batch drawn from pseudo-labelled weak cases
+        "teacher_epochs": 0,                # 0: config.epochs
         "student_epochs": 0,
     }
 
-    def class_weights(self, config: "TrainConfig") -> torch.Tensor:
-        """Weights of background, liver and lesion in both student CE terms."""
-        return torch.tensor([float(self.option(config, f"weight_{name}"))
+    def localization_weights(self, config: "TrainConfig") -> torch.Tensor:
+        """Weights of background, organ box and lesion box in the localization CE."""
+        return torch.tensor([float(self.option(config, f"localization_weight_{name}"))
                              for name in ("background", "liver", "lesion")])
 
     def build(self, config: "TrainConfig") -> nn.ModuleDict:
         network = network_config(config)
         student = StudentUNet(network)  # built first: the seeded initialisation depends on the order
-        return nn.ModuleDict({"teacher": TeacherUNet(network), "student": student})
+        teacher = TeacherUNet(network, box_input=bool(self.option(config, "teacher_box_input")))
+        return nn.ModuleDict({"teacher": teacher, "student": student})
 
     def optimizers(self, stage: str, modules: nn.ModuleDict, config: "TrainConfig") -> dict[str, torch.optim.Optimizer]:
         network = "teacher" if stage == "teacher" else "student"
@@ -134,7 +141,8 @@ class TeacherStudentRecipe(Recipe):
         if stage == "teacher":
             network, losses = "teacher", self.teacher_losses(modules["teacher"], batches[STRONG])
         else:
-            network, losses = "student", self.student_losses(modules["student"], batches, self.class_weights(config),
+            network, losses = "student", self.student_losses(modules["student"], batches,
+                                                             self.localization_weights(config),
                                                              float(self.option(config, "alpha")))
         optimizer = optimizers[network]
         optimizer.zero_grad(set_to_none=True)
@@ -150,10 +158,10 @@ class TeacherStudentRecipe(Recipe):
         return {"loss": F.cross_entropy(teacher(batch.images, batch.boxes), batch.labels)}
 
     @staticmethod
-    def student_losses(student: nn.Module, batches: Mapping[str, Batch], class_weights: torch.Tensor,
+    def student_losses(student: nn.Module, batches: Mapping[str, Batch], localization_weights: torch.Tensor,
                        alpha: float) -> dict[str, torch.Tensor]:
         """``CE_seg + alpha * CE_loc`` on strong (hard labels) and weak (soft labels) crops in one forward pass;
-        ``class_weights`` (background, liver, lesion) weigh both terms.
+        ``localization_weights`` (background, organ box, lesion box) weigh the localization term only.
 
         One forward over the concatenation keeps BatchNorm statistics over the mixed batch, as the paper trains
         on the mixed dataset. Weak crops must carry ``soft_labels`` (written by the teacher stage).
@@ -176,7 +184,7 @@ class TeacherStudentRecipe(Recipe):
         segmentation, localization = student(torch.cat(images))
         return segmentation_localization_loss(segmentation, torch.cat(targets).to(segmentation),
                                               localization, localization_targets(torch.cat(boxes)),
-                                              class_weights, alpha)
+                                              localization_weights, alpha)
 
     def segmentation_network(self, modules: nn.ModuleDict) -> nn.Module:
         """The student's U-Net, without the localization branch."""
@@ -187,12 +195,25 @@ class TeacherStudentRecipe(Recipe):
         return unwrap(modules["teacher"]) if stage == "teacher" else None
 
     def end_stage(self, stage: str, modules: nn.ModuleDict, context: "StageContext") -> None:
-        """After the teacher: write soft pseudo-labels of every weak case for the student stage."""
+        """After the teacher: write soft pseudo-labels of every weak case for the student stage, and their Dice
+        against the weak cases' hidden masks where the dataset keeps them."""
         if stage != "teacher":
             return
         teacher = unwrap(modules["teacher"])
+        liver, lesion, scored = GlobalDice([1]), GlobalDice([2]), 0
         for volume in context.volumes(WEAK):
-            context.save_soft_labels(volume.case, pseudo_labels(teacher, volume.hu, volume.boxes))
+            probabilities = pseudo_labels(teacher, volume.hu, volume.boxes)
+            context.save_soft_labels(volume.case, probabilities)
+            truth = context.hidden_labels(volume.case, volume.hu.shape)
+            if truth is not None:
+                predicted = probabilities.argmax(axis=0).astype(np.uint8)
+                liver.update(np.minimum(predicted, 1), np.minimum(truth, 1))
+                lesion.update(predicted, truth)
+                scored += 1
+        if scored:
+            context.log_stage_result("pseudo_label_quality", {
+                "weak_cases_scored": scored, "dice_liver": liver.result()[1],
+                "dice_lesion": lesion.result()[2]})
 
 
 RECIPE = TeacherStudentRecipe()
