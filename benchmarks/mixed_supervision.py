@@ -1,0 +1,429 @@
+"""The mixed-supervision claim, measured: do a few masks plus many boxes come close to masks everywhere?
+
+One phantom pool; per seed the pool is shuffled and dealt out 10% validation / 30% strong (masks) / 60% weak
+(boxes only: the masks stay on disk, referenced by no manifest, and are read only to score the teacher's
+pseudo-labels). Rows, each trained with ``mixsup-train`` in its own process:
+
+* ``strong-only`` -- the ``unet`` baseline on the 30% strong cases;
+* ``full``        -- the same U-Net on all 90% with masks (the ceiling mixed supervision aims at);
+* ``teacher-student``, ``msdn``, ``lazy``, ``asdnet`` -- each method on 30% strong + 60% weak;
+* ``teacher-student 10:80 / 50:40 / 90:0`` -- the strong:weak sweep of the teacher-student paper's Fig. 10,
+  for teacher-student (chosen beforehand as the method the sweep comes from, not after looking at the table);
+* ``teacher-student perturbed`` -- 30:60 with the weak boxes perturbed as in that paper's robustness study.
+
+Every run's ``best.pt`` (chosen on its validation cases, liver + lesion Dice) segments two held-out test sets
+that no run sees: phantoms of the project's generator with other seeds, and phantoms of the independent
+generator in ``benchmarks/foreign_phantoms.py``. Each scan goes the served path's way -- the client's
+pre-processing to the model grid, whole-slice inference, labels restored to the scan's grid, the client's
+post-processing (largest liver component, holes filled, lesions inside the liver) -- and is scored with LiTS
+metrics: Dice global and per case for liver (liver ∪ lesion) and lesion, and the RMSE of the tumour burden
+(lesion volume / liver volume). Seeds vary the split, the initialisation and the crops; rows report the mean over
+seeds with a 95% t-interval (three seeds for the six main rows; the sweep and perturbed rows run on ``--sweep-seeds``,
+the first seed by default, to keep the CPU preset within the hour).
+
+Usage (one command; the CPU preset is sized to finish in about an hour on 2 cores)::
+
+    python benchmarks/mixed_supervision.py [--preset cpu|cuda] [--seeds 0 1 2] [--work DIR] [--rows ...]
+
+Writes ``benchmarks/results/mixed_supervision.{json,md}`` and ``mixed_supervision_{rows,sweep}.png``. With
+``--work DIR`` the phantoms and runs are kept, and a rerun skips the runs that finished.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any, Sequence
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from foreign_phantoms import make_foreign_case  # noqa: E402
+
+from mixsup.clients.pipeline import Restore, prepare_volume, restore_labels  # noqa: E402
+from mixsup.contract import ModelContract  # noqa: E402
+from mixsup.metrics import GlobalDice, dice  # noqa: E402
+from mixsup.postprocess import postprocess_labels  # noqa: E402
+from mixsup.scan import Scan, read_nifti  # noqa: E402
+
+BIN = Path(sys.executable).parent
+RESULTS = HERE / "results"
+VALIDATION, STRONG_SHARE, WEAK_SHARE = 0.1, 0.3, 0.6
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How big everything is: the phantom pool and test sets, the network and the schedule."""
+
+    pool: int
+    test: int
+    foreign: int
+    shape: tuple[int, int, int]
+    jobs: int
+    train: dict[str, Any]
+    recipe_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+PRESETS = {
+    # 2 cores: two single-threaded runs side by side. 24x128x128 phantoms hold a whole abdomen at 1.2-4 mm; the
+    # nets train at 2.4 mm on 64 px crops, 10 epochs of 60 steps. 16 base channels, not fewer: at 8 a U-Net
+    # never predicted a lesion on validation in 1,400 steps, at 16 it did within 400 (measured on seed 0's
+    # strong-only split). MSDN's detection towers are 16 wide (the paper's 256 would cost ~10x a U-Net step).
+    "cpu": Preset(pool=30, test=20, foreign=20, shape=(24, 128, 128), jobs=2,
+                  train=dict(base_channels=16, depth=4, spacing_mm=[2.4, 2.4], crop=64, patch_size=64,
+                             batch_size=8, epochs=10, iterations_per_epoch=60, validation_cases=3, threads=1),
+                  recipe_options={"msdn": {"detection_width": 16}}),
+    # Seconds: for trying the script itself, not for results.
+    "smoke": Preset(pool=10, test=2, foreign=2, shape=(16, 64, 64), jobs=2,
+                    train=dict(base_channels=4, depth=3, spacing_mm=[3.2, 3.2], crop=32, patch_size=32,
+                               batch_size=4, epochs=1, iterations_per_epoch=2, validation_cases=1, threads=1)),
+    # One H200: the default network at the served resolution, several runs at once.
+    "cuda": Preset(pool=40, test=24, foreign=24, shape=(48, 256, 256), jobs=6,
+                   train=dict(base_channels=16, depth=4, spacing_mm=[1.6, 1.6], crop=128, patch_size=160,
+                              batch_size=16, epochs=30, iterations_per_epoch=50, validation_cases=4, threads=2)),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a recipe on a strong:weak split, optionally with perturbed boxes."""
+
+    method: str
+    recipe: str
+    strong: float
+    weak: float
+    perturbed: bool = False
+
+
+ROWS = [
+    Row("strong-only", "unet", STRONG_SHARE, 0.0),
+    Row("full", "unet", STRONG_SHARE + WEAK_SHARE, 0.0),
+    Row("teacher-student", "teacher-student", STRONG_SHARE, WEAK_SHARE),
+    Row("msdn", "msdn", STRONG_SHARE, WEAK_SHARE),
+    Row("lazy", "lazy", STRONG_SHARE, WEAK_SHARE),
+    Row("asdnet", "asdnet", STRONG_SHARE, WEAK_SHARE),
+    Row("teacher-student 10:80", "teacher-student", 0.1, 0.8),
+    Row("teacher-student 50:40", "teacher-student", 0.5, 0.4),
+    Row("teacher-student 90:0", "teacher-student", 0.9, 0.0),
+    Row("teacher-student perturbed", "teacher-student", STRONG_SHARE, WEAK_SHARE, perturbed=True),
+]
+MAIN_ROWS = ROWS[:6]
+#: Seconds of a training step relative to the U-Net's (measured at the cpu preset), for scheduling only.
+RELATIVE_COST = {"unet": 1.0, "teacher-student": 2.2, "lazy": 2.1, "asdnet": 3.9, "msdn": 6.0}
+SWEEP = ["teacher-student 10:80", "teacher-student", "teacher-student 50:40", "teacher-student 90:0"]
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def make_phantoms(out: Path, n: int, seed: int, shape: Sequence[int]) -> Path:
+    """``n`` phantoms of the project's generator, every one with its mask (``mixsup-data phantoms``)."""
+    if not (out / "manifest.json").is_file():
+        subprocess.run([str(BIN / "mixsup-data"), "phantoms", str(out), "--n", str(n), "--seed", str(seed),
+                        "--shape", *map(str, shape), "-q"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def write_split_manifest(pool: Path, row: Row, seed: int, validation: int, out: Path) -> Path:
+    """The manifest of ``row`` for ``seed``: the pool shuffled by the seed, the first ``validation`` cases
+    validate (the same for every row of a seed), the next ones are strong, then weak (boxes from their masks,
+    perturbed if the row says so). Strong cases are listed before the validation ones because the trainer
+    validates on the last strong cases of a manifest."""
+    from mixsup.training.data.boxes import boxes_from_labels, perturb_boxes, save_boxes
+    from mixsup.training.data.manifest import WEAK, Case, Manifest, boxes_path, case_number, load_case, load_dataset
+    from mixsup.training.data.manifest import write_manifest
+    from mixsup.training.data.split import perturbation_rng
+
+    cases = load_dataset(pool).cases
+    order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
+    n_strong = int(round(row.strong * len(cases)))
+    n_weak = int(round(row.weak * len(cases)))
+    held, strong, weak = order[:validation], order[validation:validation + n_strong], \
+        order[validation + n_strong:validation + n_strong + n_weak]
+    listed = [Case(c.case, c.volume, c.segmentation, instances=c.instances) for c in (*strong, *held)]
+    for case in weak:
+        number = case_number(case)
+        # Perturbed boxes differ per seed, so each seed keeps its own file.
+        relative = boxes_path(number).replace(".json", f".perturbed-seed{seed}.json") if row.perturbed \
+            else boxes_path(number)
+        if not (pool / relative).is_file():
+            _, labels, _ = load_case(case, pool)
+            boxes = boxes_from_labels(labels)
+            if row.perturbed:
+                boxes = perturb_boxes(boxes, perturbation_rng(seed, case.case), labels.shape)
+            save_boxes(pool / relative, boxes, labels.shape)
+        listed.append(Case(case.case, case.volume, None, relative, WEAK, row.perturbed or None))
+    manifest = Manifest(cases=listed, root=pool)
+    return write_manifest(manifest, out)
+
+
+@dataclass
+class TestCase:
+    """A held-out scan on the model grid, how to map labels back, and its true labels on the stored grid."""
+
+    hu: np.ndarray
+    restore: Restore
+    truth: np.ndarray
+    voxel_ml: float
+
+
+def own_test_set(folder: Path, contract: ModelContract) -> list[TestCase]:
+    from mixsup.training.data.manifest import load_dataset
+
+    cases = []
+    for case in load_dataset(folder).cases:
+        scan = read_nifti(case.path(case.volume))
+        truth = read_nifti(case.path(case.segmentation)).voxels.astype(np.uint8)
+        cases.append(test_case(scan, truth, contract))
+    return cases
+
+
+def foreign_test_set(n: int, seed: int, shape: Sequence[int], contract: ModelContract) -> list[TestCase]:
+    cases = []
+    for index in range(n):
+        hu, labels, affine = make_foreign_case(seed + index, shape=tuple(shape))
+        cases.append(test_case(Scan(voxels=hu, affine=affine), labels.astype(np.uint8), contract))
+    return cases
+
+
+def test_case(scan: Scan, truth: np.ndarray, contract: ModelContract) -> TestCase:
+    hu, restore = prepare_volume(scan, contract)
+    return TestCase(hu, restore, truth, abs(float(np.linalg.det(scan.affine[:3, :3]))) / 1000.0)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_run(row: Row, seed: int, manifest: Path, out: Path, preset: Preset) -> float:
+    """Train one run in its own process (skipped if it finished before); returns its wall seconds."""
+    done = out / "seconds.txt"
+    if done.is_file():
+        return float(done.read_text())
+    settings = {**preset.train, **preset.recipe_options.get(row.recipe, {}), "seed": seed}
+    command = [str(BIN / "mixsup-train"), row.recipe, "--data", str(manifest), "--out", str(out), "--no-progress",
+               *[arg for key, value in settings.items() for arg in ("--set", f"{key}={json.dumps(value)}")]]
+    started = time.perf_counter()
+    with (out.parent / f"{out.name}.log").open("w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - started
+    done.write_text(f"{seconds:.1f}\n")
+    return seconds
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+def evaluate_checkpoint(checkpoint: Path, cases: list[TestCase]) -> dict[str, float]:
+    """LiTS metrics of a checkpoint's exported network on ``cases``, after the client's post-processing."""
+    import torch
+
+    from mixsup.training.trainer import load_checkpoint, network_from_checkpoint, predict_volume
+
+    payload = load_checkpoint(checkpoint)
+    network = network_from_checkpoint(payload)
+    divisor = 2 ** int(payload["config"]["depth"])
+    liver, lesion = GlobalDice([1]), GlobalDice([2])
+    per_case_liver, per_case_lesion, burden_errors = [], [], []
+    with torch.inference_mode():
+        for case in cases:
+            model_labels = predict_volume(network, case.hu, size_divisor=divisor)
+            predicted = postprocess_labels(restore_labels(model_labels, case.restore, 3))
+            liver_pred, liver_true = np.minimum(predicted, 1), np.minimum(case.truth, 1)
+            liver.update(liver_pred, liver_true)
+            lesion.update(predicted, case.truth)
+            per_case_liver.append(dice(liver_pred, liver_true, 1))
+            per_case_lesion.append(dice(predicted, case.truth, 2))
+            burden_errors.append(tumour_burden(predicted) - tumour_burden(case.truth))
+    return {"liver_dice_global": liver.result()[1], "lesion_dice_global": lesion.result()[2],
+            "liver_dice_per_case": float(np.mean(per_case_liver)),
+            "lesion_dice_per_case": float(np.mean(per_case_lesion)),
+            "tumour_burden_rmse": float(np.sqrt(np.mean(np.square(burden_errors))))}
+
+
+def tumour_burden(labels: np.ndarray) -> float:
+    """Lesion volume over liver volume (liver ∪ lesion), as LiTS defines the tumour burden; 0 without liver."""
+    liver = int(np.count_nonzero(labels))
+    return int(np.count_nonzero(labels == 2)) / liver if liver else 0.0
+
+
+def interval(values: Sequence[float]) -> dict[str, float]:
+    """Mean and the half-width of its 95% Student-t interval over seeds (0 for a single seed)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))) \
+        if len(values) > 1 else 0.0
+    return {"mean": float(values.mean()), "ci95": half}
+
+
+def summarise(row: Row, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of the results: means over seeds of every metric, per-seed values and intervals."""
+    summary: dict[str, Any] = {"method": row.method, "recipe": row.recipe, "strong": row.strong, "weak": row.weak,
+                               "perturbed_boxes": row.perturbed, "seeds": [r["seed"] for r in runs],
+                               "seconds_mean": float(np.mean([r["seconds"] for r in runs]))}
+    for test_set in ("own", "foreign"):
+        for metric in runs[0][test_set]:
+            values = [r[test_set][metric] for r in runs]
+            key = metric if test_set == "own" else f"foreign_{metric}"
+            summary[key] = interval(values)["mean"]
+            summary.setdefault("intervals", {})[key] = interval(values)
+            summary.setdefault("per_seed", {})[key] = values
+    quality = [r["pseudo_label_quality"] for r in runs if r.get("pseudo_label_quality")]
+    if quality:
+        for metric in ("dice_liver", "dice_lesion"):
+            summary[f"pseudo_label_{metric}"] = interval([q[metric] for q in quality])["mean"]
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- reports
+def markdown_table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> str:
+    def cell(row: dict[str, Any], key: str) -> str:
+        iv = row["intervals"][key]
+        return f"{iv['mean']:.3f} ± {iv['ci95']:.3f}"
+
+    lines = ["| method | liver Dice global | lesion Dice global | liver per case | lesion per case | burden RMSE "
+             "| foreign liver | foreign lesion | × full (liver / lesion) | pseudo-label Dice (liver / lesion) "
+             "| s / run |", "|" + "---|" * 11]
+    for row in rows:
+        ratio = "" if full is None else (f"{row['liver_dice_global'] / full['liver_dice_global']:.3f} / "
+                                         f"{row['lesion_dice_global'] / max(full['lesion_dice_global'], 1e-9):.3f}")
+        pseudo = (f"{row['pseudo_label_dice_liver']:.3f} / {row['pseudo_label_dice_lesion']:.3f}"
+                  if "pseudo_label_dice_liver" in row else "")
+        lines.append(f"| {row['method']} | {cell(row, 'liver_dice_global')} | {cell(row, 'lesion_dice_global')} "
+                     f"| {cell(row, 'liver_dice_per_case')} | {cell(row, 'lesion_dice_per_case')} "
+                     f"| {cell(row, 'tumour_burden_rmse')} | {cell(row, 'foreign_liver_dice_global')} "
+                     f"| {cell(row, 'foreign_lesion_dice_global')} | {ratio} | {pseudo} | {row['seconds_mean']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], out_rows: Path, out_sweep: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method = {row["method"]: row for row in rows}
+    main = [row for row in rows if row["method"] not in SWEEP[:1] + SWEEP[2:] and "perturbed" not in row["method"]]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, key, title in ((axes[0], "liver_dice_global", "liver"), (axes[1], "lesion_dice_global", "lesion")):
+        for offset, prefix, label in ((-0.2, "", "own generator"), (0.2, "foreign_", "independent generator")):
+            means = [r["intervals"][prefix + key]["mean"] for r in main]
+            errors = [r["intervals"][prefix + key]["ci95"] for r in main]
+            axis.bar(np.arange(len(main)) + offset, means, 0.4, yerr=errors, capsize=3, label=label)
+        axis.set_xticks(np.arange(len(main)), [r["method"] for r in main], rotation=30, ha="right")
+        axis.set_title(f"{title} Dice global (mean ± 95% CI)")
+        axis.set_ylim(0, 1)
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(out_rows, dpi=110)
+    plt.close(figure)
+
+    sweep = [by_method[m] for m in SWEEP if m in by_method]
+    if len(sweep) < 2:
+        return
+    figure, axis = plt.subplots(figsize=(6, 4))
+    strong = [100 * r["strong"] for r in sweep]
+    for key, label in (("liver_dice_global", "liver"), ("lesion_dice_global", "lesion")):
+        axis.errorbar(strong, [r["intervals"][key]["mean"] for r in sweep],
+                      yerr=[r["intervals"][key]["ci95"] for r in sweep], marker="o", capsize=3,
+                      label=f"teacher-student, {label}")
+        if "full" in by_method:
+            axis.axhline(by_method["full"][key], linestyle="--", color="grey")
+        if "strong-only" in by_method:
+            axis.axhline(by_method["strong-only"][key], linestyle=":", color="grey")
+    axis.set_xlabel("strong share of the pool (%); the rest up to 90% is weak")
+    axis.set_ylabel("Dice global (own generator)")
+    axis.set_title("strong:weak sweep (dashed: full, dotted: strong-only 30%)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_sweep, dpi=110)
+    plt.close(figure)
+
+
+# -------------------------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="alias of --preset")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[0],
+                        help="seeds of the sweep and perturbed-box rows (default: the first only, to fit the hour)")
+    parser.add_argument("--rows", nargs="+", choices=[r.method for r in ROWS], help="default: every row")
+    parser.add_argument("--work", type=Path, help="keep phantoms and runs here; a rerun skips finished runs")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the json/md/png go")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.device or args.preset]
+    rows = [r for r in ROWS if not args.rows or r.method in args.rows]
+    started = time.perf_counter()
+
+    import torch
+
+    torch.set_num_threads(1)  # evaluation runs in the worker threads, beside the training processes
+    with TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        pool = make_phantoms(work / "pool", preset.pool, 1000, preset.shape)
+        own = make_phantoms(work / "test", preset.test, 2000, preset.shape)
+        contract = ModelContract(patch_size=(preset.train["patch_size"],) * 2,
+                                 spacing_mm=tuple(preset.train["spacing_mm"]))
+        test_sets = {"own": own_test_set(own, contract),
+                     "foreign": foreign_test_set(preset.foreign, 3000, preset.shape, contract)}
+        validation = int(round(VALIDATION * preset.pool))
+
+        def one_run(row: Row, seed: int) -> dict[str, Any]:
+            name = f"{row.method.replace(' ', '_').replace(':', '-')}-seed{seed}"
+            out = work / "runs" / name
+            out.mkdir(parents=True, exist_ok=True)
+            # Manifests sit in the pool folder: their paths are relative to where they are.
+            manifest = write_split_manifest(pool, row, seed, validation, pool / f"manifest-{name}.json")
+            seconds = train_run(row, seed, manifest, out, preset)
+            result = {"seed": seed, "seconds": seconds,
+                      **{key: evaluate_checkpoint(out / "best.pt", cases) for key, cases in test_sets.items()}}
+            quality = out / "pseudo_label_quality.json"
+            if quality.is_file():
+                result["pseudo_label_quality"] = json.loads(quality.read_text())
+            print(f"{row.method} seed {seed}: {seconds:.0f} s, own liver {result['own']['liver_dice_global']:.3f} "
+                  f"lesion {result['own']['lesion_dice_global']:.3f}, foreign liver "
+                  f"{result['foreign']['liver_dice_global']:.3f} lesion {result['foreign']['lesion_dice_global']:.3f}",
+                  flush=True)
+            return result
+
+        def reported(job: tuple[Row, int]) -> dict[str, Any]:
+            try:
+                return one_run(*job)
+            except Exception:
+                traceback.print_exc()
+                raise
+
+        jobs = [(row, seed) for row in rows for seed in (args.seeds if row in MAIN_ROWS else args.sweep_seeds)]
+        jobs.sort(key=lambda job: -RELATIVE_COST[job[0].recipe])  # longest first: the two workers end together
+        with ThreadPoolExecutor(max_workers=preset.jobs) as executor:
+            results = list(executor.map(reported, jobs))
+    by_row = {row.method: [r for (job_row, _), r in zip(jobs, results) if job_row.method == row.method]
+              for row in rows}
+    summaries = [summarise(row, by_row[row.method]) for row in rows]
+    full = next((s for s in summaries if s["method"] == "full"), None)
+    document = {"preset": args.device or args.preset, "settings": {**preset.__dict__, "shape": list(preset.shape)},
+                "seeds": args.seeds, "sweep_seeds": args.sweep_seeds, "pool_seed": 1000, "test_seed": 2000, "foreign_seed": 3000,
+                "split": {"validation": VALIDATION, "strong": STRONG_SHARE, "weak": WEAK_SHARE},
+                "wall_seconds": round(time.perf_counter() - started, 1),
+                "command": "python benchmarks/mixed_supervision.py " + " ".join(argv or sys.argv[1:]),
+                "rows": summaries}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "mixed_supervision.json").write_text(json.dumps(document, indent=2) + "\n")
+    table = markdown_table(summaries, full)
+    (args.results / "mixed_supervision.md").write_text(
+        f"# Mixed supervision benchmark ({document['preset']} preset, seeds {args.seeds}; sweep and perturbed "
+        f"rows: seeds {args.sweep_seeds})\n\n"
+        f"`{document['command']}` — {document['wall_seconds'] / 60:.1f} min wall.\n\n{table}")
+    plot(summaries, args.results / "mixed_supervision_rows.png", args.results / "mixed_supervision_sweep.png")
+    print(table)
+    print(f"wall time {document['wall_seconds'] / 60:.1f} min; results in {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The mixed-supervision benchmark runs end to end on its smoke preset and writes the promised results."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import mixed_supervision
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return mixed_supervision
+
+
+def test_split_manifests_share_validation_and_hide_weak_masks(benchmark, tmp_path):
+    from mixsup.training.data.manifest import load_dataset
+
+    pool = benchmark.make_phantoms(tmp_path / "pool", 10, 7, (8, 48, 48))
+    rows = {row.method: row for row in benchmark.ROWS}
+    manifests = {name: load_dataset(benchmark.write_split_manifest(pool, rows[name], 3, 1, pool / f"m-{i}.json"))
+                 for i, name in enumerate(("strong-only", "full", "teacher-student", "teacher-student perturbed"))}
+    validation = {name: m.strong()[-1].case for name, m in manifests.items()}
+    assert len(set(validation.values())) == 1  # every row of a seed validates on the same case
+    counts = {name: (len(m.strong()) - 1, len(m.weak())) for name, m in manifests.items()}
+    assert counts == {"strong-only": (3, 0), "full": (9, 0), "teacher-student": (3, 6),
+                      "teacher-student perturbed": (3, 6)}
+    strong_only, mixed = manifests["strong-only"], manifests["teacher-student"]
+    assert [c.case for c in strong_only.strong()] == [c.case for c in mixed.strong()]
+    assert all(c.segmentation is None and c.boxes for c in mixed.weak())
+    assert all(c.instances for c in mixed.strong())  # lesion ids come along for the lazy recipe
+    perturbed = manifests["teacher-student perturbed"].weak()
+    assert all(c.boxes_perturbed and "perturbed-seed3" in c.boxes for c in perturbed)
+
+
+def test_interval_is_a_students_t_interval(benchmark):
+    assert benchmark.interval([0.5]) == {"mean": 0.5, "ci95": 0.0}
+    result = benchmark.interval([0.6, 0.7, 0.8])
+    assert result["mean"] == pytest.approx(0.7)
+    assert result["ci95"] == pytest.approx(4.302653 * 0.1 / np.sqrt(3), rel=1e-5)
+
+
+def test_tumour_burden_is_lesion_over_liver(benchmark):
+    labels = np.zeros((2, 4, 4), np.uint8)
+    labels[0, :2] = 1
+    labels[0, 0, :2] = 2
+    assert benchmark.tumour_burden(labels) == pytest.approx(2 / 8)
+    assert benchmark.tumour_burden(np.zeros((2, 2, 2), np.uint8)) == 0.0
+
+
+def test_smoke_preset_writes_rows_table_and_plots(benchmark, tmp_path):
+    results = tmp_path / "results"
+    assert benchmark.main(["--preset", "smoke", "--seeds", "0", "--rows", "strong-only", "full", "teacher-student",
+                           "--work", str(tmp_path / "work"), "--results", str(results)]) == 0
+    document = json.loads((results / "mixed_supervision.json").read_text())
+    assert [row["method"] for row in document["rows"]] == ["strong-only", "full", "teacher-student"]
+    for row in document["rows"]:
+        assert 0.0 <= row["liver_dice_global"] <= 1.0 and 0.0 <= row["lesion_dice_global"] <= 1.0
+        assert row["per_seed"]["liver_dice_global"] == [row["liver_dice_global"]]
+        assert set(row["intervals"]) >= {"liver_dice_global", "foreign_liver_dice_global", "tumour_burden_rmse"}
+    assert "pseudo_label_dice_liver" in document["rows"][2]
+    assert "| teacher-student |" in (results / "mixed_supervision.md").read_text()
+    assert (results / "mixed_supervision_rows.png").stat().st_size > 1000
