@@ -1,8 +1,9 @@
 """``mixsup-data``: make and manage training datasets.
 
-``mixsup-data phantoms OUT --n N`` writes N synthetic CT cases in LiTS naming with boxes files and a manifest,
-plus ``instances-N.nii.gz`` per case: the generator's lesion ids, which keep touching lesions apart (the manifest
-references it for strong cases; hidden cases keep theirs under ``hidden/``).
+``mixsup-data phantoms OUT --n N [--style classic|randomized|mixed]`` writes N synthetic CT cases in LiTS naming
+with boxes files and a manifest, plus ``instances-N.nii.gz`` per case: the generator's lesion ids, which keep
+touching lesions apart (the manifest references it for strong cases; hidden cases keep theirs under ``hidden/``).
+``--style`` picks the generator (:data:`mixsup.training.data.phantoms.STYLES`; default classic, unchanged).
 Each NIfTI is stored in its own randomly drawn orthogonal orientation (RAS, LPS, LAS, permuted axes ...) with the
 affine composed so the world geometry is unchanged: every loader must get the same canonical phantom back.
 
@@ -37,7 +38,7 @@ from mixsup.training.data.manifest import (
     validate_manifest,
     write_manifest,
 )
-from mixsup.training.data.phantoms import generate_phantom
+from mixsup.training.data.phantoms import MIXED_CLASSIC_FRACTION, STYLES, generate_phantom
 from mixsup.training.data.split import SPLIT_KINDS, UNUSED, plan_split, write_split
 
 PROG = "mixsup-data"
@@ -123,10 +124,11 @@ def write_phantom_case(
     supervision: str,
     shape: tuple[int, int, int],
     spacing: tuple[float, float, float] | None,
+    style: str = "classic",
 ) -> tuple[Case, str]:
-    """Generate and write case ``index``; returns its manifest entry and a one-line summary."""
+    """Generate and write case ``index`` in generator ``style``; returns its manifest entry and a one-line summary."""
     phantom_seed = case_seed(seed, index)
-    phantom = generate_phantom(phantom_seed, shape, spacing)
+    phantom = generate_phantom(phantom_seed, shape, spacing, style=style)
     rng = np.random.Generator(np.random.PCG64([phantom_seed, 1]))  # orientation and origin, per case
     axcodes = draw_orientation(rng)
     origin = rng.uniform(-250.0, 250.0, 3)
@@ -151,7 +153,7 @@ def write_phantom_case(
         root=out,
     )
     summary = (
-        f"case {name}: {supervision:9s} shape {'x'.join(map(str, volume.shape))} stored {''.join(axcodes)} "
+        f"case {name}: {supervision:9s} {phantom.style:10s} shape {'x'.join(map(str, volume.shape))} stored {''.join(axcodes)} "
         f"spacing {'x'.join(f'{s:.2f}' for s in phantom.spacing)} mm, liver {int((phantom.labels >= 1).sum())} "
         f"lesion {int((phantom.labels == 2).sum())} voxels"
     )
@@ -172,7 +174,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     cases = []
     for index in range(args.n):
         case, summary = write_phantom_case(out, index, args.seed, supervision[index], tuple(args.shape),
-                                           tuple(args.spacing) if args.spacing else None)
+                                           tuple(args.spacing) if args.spacing else None, args.style)
         cases.append(case)
         if not args.quiet:
             print(summary, flush=True)
@@ -219,7 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--shape", type=int, nargs=3, default=[48, 256, 256], metavar=("D", "H", "W"),
                           help="canonical volume shape (default 48 256 256)")
     phantoms.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SD", "SH", "SW"),
-                          help="voxel size in mm (default: drawn per case, in-plane 0.6-2.0, slices 1.0-5.0)")
+                          help="voxel size in mm (default: drawn per case for the 48x256x256 grid and scaled to "
+                               "--shape; classic in-plane 0.6-2.0, slices 1.0-5.0; randomized 0.5-3.5, 0.6-7.0)")
+    phantoms.add_argument("--style", choices=STYLES, default="classic",
+                          help="generator: classic (realistic contrasts, anatomy fitted to the field of view), "
+                               "randomized (domain-randomized intensities, texture, resolution, coverage and anatomy, "
+                               "SynthSeg-like) or mixed (each case draws one, "
+                               f"{MIXED_CLASSIC_FRACTION * 100:.0f}%% classic); "
+                               "default classic")
     phantoms.add_argument("--weak-fraction", type=float, default=0.0, help="fraction of cases (the last ones) that are weak")
     phantoms.add_argument("--unlabeled-fraction", type=float, default=0.0,
                           help="fraction of cases (the very last ones) that are unlabeled")

@@ -12,6 +12,11 @@ Labels are taken from the sharp geometry at voxel centres, before the blur that 
 
 Everything random comes from one ``numpy.random.Generator(PCG64(seed))``: the same seed gives bit-identical
 phantoms on every platform numpy supports.
+
+This is the ``classic`` style. Its anatomy is sized to the field of view and its contrasts are realistic, which a
+model can learn as a style rather than as the liver; ``generate_phantom(..., style="randomized")`` draws the
+domain-randomized style of :mod:`mixsup.training.data.randomized` (and ``"mixed"`` one of the two per case). The
+drawing primitives both styles use live here (:class:`_Sketch` and the functions above it), so neither copies them.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ ADULT_HALF_WIDTH_MM = 160.0
 
 Coords = tuple[np.ndarray, np.ndarray, np.ndarray]
 Box = tuple[slice, slice, slice]
+#: A liver lobe: centre (z, y, x) mm, radii (z, y, x) mm, in-plane angle (radians).
+Lobe = tuple[tuple[float, float, float], tuple[float, float, float], float]
 
 
 @dataclass
@@ -40,23 +47,37 @@ class Phantom:
     overlap or touch stay apart (the label map merges them into one connected component). Where two lesions
     overlap, the one painted later (whose intensity the image shows there) owns the voxels; its id is nonzero
     exactly where ``labels`` is 2.
+
+    ``style`` names the generator that drew the case (:data:`STYLES`). ``tissues`` (randomized style only) says which
+    structure each voxel belongs to, as an index into :data:`mixsup.training.data.randomized.TISSUES`, so that a
+    failure can be traced to the structure it mistook for liver.
     """
 
     volume: np.ndarray
     labels: np.ndarray
     spacing: tuple[float, float, float]
     instances: np.ndarray | None = None
+    style: str = "classic"
+    tissues: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------------- the grid
 class _Grid:
     """Voxel-centre coordinates in mm (relative to the body centre) along the canonical axes."""
 
-    def __init__(self, shape: tuple[int, int, int], spacing: tuple[float, float, float], centre_yx: tuple[float, float]):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        spacing: tuple[float, float, float],
+        centre_yx: tuple[float, float],
+        centre_z: float = 0.0,
+    ):
+        """``centre_yx`` / ``centre_z``: where the body centre (the coordinate origin) lies, in mm from the array's
+        centre; the classic style keeps z centred on the field, the randomized one moves the field along the body."""
         depth, height, width = shape
         s_d, s_h, s_w = spacing
         self.shape = shape
-        self.z = ((np.arange(depth) - (depth - 1) / 2) * s_d).astype(np.float32)
+        self.z = ((np.arange(depth) - (depth - 1) / 2) * s_d - centre_z).astype(np.float32)
         self.y = ((np.arange(height) - (height - 1) / 2) * s_h - centre_yx[0]).astype(np.float32)
         self.x = ((np.arange(width) - (width - 1) / 2) * s_w - centre_yx[1]).astype(np.float32)
 
@@ -154,6 +175,63 @@ def segment_distance(offsets: Coords, direction: tuple[float, float, float]) -> 
     return np.sqrt((dz - t * ez) ** 2 + (dy - t * ey) ** 2 + (dx - t * ex) ** 2)
 
 
+def tube_mask(grid: _Grid, start: np.ndarray, end: np.ndarray, radius: float) -> tuple[Box, np.ndarray] | None:
+    """Box and mask of the voxels within ``radius`` mm of the segment ``start`` -> ``end`` (mm, ``z, y, x``)."""
+    lo, hi = np.minimum(start, end) - radius, np.maximum(start, end) + radius
+    found = grid.box(tuple((lo + hi) / 2), tuple((hi - lo) / 2))
+    if found is None:
+        return None
+    box, (dz, dy, dx) = found
+    origin = start - (lo + hi) / 2
+    offsets = (dz - np.float32(origin[0]), dy - np.float32(origin[1]), dx - np.float32(origin[2]))
+    return box, segment_distance(offsets, tuple(end - start)) < radius
+
+
+def body_rays(grid: _Grid, a: float, b: float, power: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """In-plane polar geometry of a superellipse body with semi-axes ``a`` (x) and ``b`` (y) mm.
+
+    Returns each pixel's distance from the centre, the body radius along its ray, and the ray's cosine and sine;
+    layers (skin, fat, muscle) are then depths along the ray, so they follow the outline at any aspect ratio.
+    """
+    y2, x2 = grid.y[:, None], grid.x[None, :]
+    r = np.sqrt(y2 * y2 + x2 * x2)
+    rho0 = ((np.abs(x2) / a) ** power + (np.abs(y2) / b) ** power) ** (1.0 / power)
+    radius0 = (r / np.maximum(rho0, 1e-6)).astype(np.float32)
+    cos_t = np.where(r > 0, x2 / np.maximum(r, 1e-6), 1.0).astype(np.float32)
+    sin_t = np.where(r > 0, y2 / np.maximum(r, 1e-6), 0.0).astype(np.float32)
+    return r, radius0, cos_t, sin_t
+
+
+def retroperitoneum_mask(
+    grid: _Grid, box: Box, spine_yx: tuple[float, float], spine_ry: float, depth: float, half_width: float
+) -> np.ndarray:
+    """Spine, aorta and the space around them (``depth`` mm in front of the spine, ``half_width`` mm to either
+    side, everything behind), where no liver can grow; shaped ``[1, h, w]`` to broadcast over the box."""
+    dy = grid.y[box[1]][:, None] - spine_yx[0]
+    dx = np.abs(grid.x[box[2]][None, :] - spine_yx[1]) / half_width
+    front = (dy / (spine_ry + depth)) ** 2 + dx**2 < 1.0
+    return (front | ((dy > 0) & (dx < 1.0)))[None]
+
+
+def correlated_noise(
+    rng: np.random.Generator, shape: tuple[int, int, int], correlation: tuple[float, float]
+) -> np.ndarray:
+    """Unit-std noise, half the time correlated in-plane over ``correlation`` voxels (reconstruction kernels)."""
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    if rng.random() < 0.5:
+        sigma = float(rng.uniform(*correlation))
+        noise = ndimage.gaussian_filter(noise, (0.0, sigma, sigma), mode="nearest")
+        noise /= max(float(noise[:: max(1, shape[0] // 8)].std()), 1e-6)
+    return noise
+
+
+def quantize_hu(hu: np.ndarray) -> np.ndarray:
+    """Round to whole HU and clip to the int16 range scanners store (in place on ``hu``)."""
+    np.rint(hu, out=hu)
+    np.clip(hu, HU_MIN, HU_MAX, out=hu)
+    return hu.astype(np.int16)
+
+
 # ---------------------------------------------------------------------------------------------- the canvas
 class _Canvas:
     """The HU image being composed, painted structure by structure (later structures cover earlier ones)."""
@@ -179,6 +257,13 @@ def _full_box(shape: tuple[int, int, int]) -> Box:
 # ------------------------------------------------------------------------------------------ the generator
 #: The grid the drawn voxel sizes are meant for; other matrix sizes scale them so the field of view is the same.
 REFERENCE_SHAPE = (48, 256, 256)
+#: ``classic``: the original generator (anatomy fitted to the field of view, realistic contrasts);
+#: ``randomized``: domain-randomized anatomy and appearance (:mod:`mixsup.training.data.randomized`);
+#: ``mixed``: each case draws one of the two from its seed (:func:`draw_style`).
+STYLES = ("classic", "randomized", "mixed")
+#: How often ``mixed`` draws ``classic``: enough realistic cases to anchor the appearance of real scans, most
+#: randomized so that no contrast, size or coverage convention of one generator can be learned as "the liver".
+MIXED_CLASSIC_FRACTION = 0.3
 
 
 def draw_spacing(rng: np.random.Generator, shape: tuple[int, int, int] = REFERENCE_SHAPE) -> tuple[float, float, float]:
@@ -190,61 +275,61 @@ def draw_spacing(rng: np.random.Generator, shape: tuple[int, int, int] = REFEREN
     return round(slices, 4), round(in_plane, 4), round(in_plane, 4)
 
 
+def draw_style(seed: int, classic_fraction: float = MIXED_CLASSIC_FRACTION) -> str:
+    """The style a ``mixed`` case ``seed`` uses, from its own stream so the case's phantom draws are untouched."""
+    return "classic" if np.random.Generator(np.random.PCG64([seed, 2])).random() < classic_fraction else "randomized"
+
+
 def generate_phantom(
     seed: int,
     shape: tuple[int, int, int] = (48, 256, 256),
     spacing: tuple[float, float, float] | None = None,
+    style: str = "classic",
 ) -> Phantom:
     """A deterministic synthetic abdominal CT (HU) and its liver / lesion labels on the canonical grid.
 
     Args:
         seed: the only source of randomness (``PCG64(seed)``); the same seed gives bit-identical output.
         shape: ``(D, H, W)`` of the canonical array.
-        spacing: voxel size ``(sD, sH, sW)`` in mm; drawn per case by :func:`draw_spacing` if None.
+        spacing: voxel size ``(sD, sH, sW)`` in mm; drawn per case if None (by :func:`draw_spacing`, or for the
+            randomized style by :func:`mixsup.training.data.randomized.draw_randomized_spacing`).
+        style: one of :data:`STYLES`; ``classic`` output is unchanged from before the randomized style existed.
     """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 2:
         raise ValueError(f"shape must be three sizes >= 2, got {shape}")
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ValueError(f"spacing must be three positive sizes in mm, got {spacing}")
+    if style == "mixed":
+        style = draw_style(seed)
     rng = np.random.Generator(np.random.PCG64(seed))
-    spacing = draw_spacing(rng, shape) if spacing is None else tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be three positive sizes in mm, got {spacing}")
-    return _Composer(rng, shape, spacing).compose()
+    if style == "randomized":
+        from mixsup.training.data.randomized import compose_randomized  # it builds on this module's helpers
+
+        return compose_randomized(rng, shape, spacing)
+    return _Composer(rng, shape, draw_spacing(rng, shape) if spacing is None else spacing).compose()
 
 
-class _Composer:
-    """Draws one case's anatomy and composes it; the order of the ``_add_*`` calls is the painting order."""
+class _Sketch:
+    """Drawing primitives both styles share. A subclass sets ``rng``, ``shape``, ``spacing``, ``grid``, the body's
+    semi-axes ``a`` (x) and ``b`` (y) in mm and ``s`` (the anatomy scale: ``a`` over :data:`ADULT_HALF_WIDTH_MM`)
+    before using them.
 
-    def __init__(self, rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float]):
-        self.rng = rng
-        self.shape = shape
-        self.spacing = spacing
-        depth, height, width = shape
-        half_w = width * spacing[2] / 2
-        half_h = height * spacing[1] / 2
-        # The body must fit the field of view: semi-axes are a fraction of it, the centre moves only in the slack.
-        self.a = float(rng.uniform(0.55, 0.95) * half_w)
-        self.b = float(min(rng.uniform(0.6, 0.85) * self.a, 0.93 * half_h))
-        slack_x = max(half_w - self.a, 0.0) * 0.4
-        slack_y = max(half_h - self.b, 0.0) * 0.4
-        # a shift toward the patient's left stays small so the liver stays in the image's right half
-        centre = (float(rng.uniform(-slack_y, slack_y)), float(rng.uniform(-slack_x, min(slack_x, 0.08 * self.a))))
-        self.grid = _Grid(shape, spacing, centre)
-        self.s = self.a / ADULT_HALF_WIDTH_MM  # anatomy scale
-        self.z_lo, self.z_hi = float(self.grid.z[0]), float(self.grid.z[-1])
-        self.z_len = max(self.z_hi - self.z_lo, spacing[0])
-        texture = smooth_random_field(rng, shape, _control_points(shape, spacing, 12.0 * max(self.s, 0.3)))
-        self.canvas = _Canvas(self.grid, texture)
-        self.liver = np.zeros(shape, dtype=bool)
-        self.lesion = np.zeros(shape, dtype=bool)
-        self.instances = np.zeros(shape, dtype=np.uint16)
-        self.contrast = bool(rng.random() < 0.75)
-        self.liver_hu = float(rng.uniform(60.0, 150.0) if self.contrast else rng.uniform(30.0, 70.0))
+    Every method draws from ``rng`` in a fixed order, so a style that calls them in a fixed order stays
+    deterministic per seed.
+    """
 
-    # -- helpers ------------------------------------------------------------------------------------------
-    def z_at(self, fraction: float) -> float:
-        """The z (mm) at ``fraction`` of the field's inferior -> superior extent."""
-        return self.z_lo + fraction * self.z_len
+    rng: np.random.Generator
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    grid: _Grid
+    a: float
+    b: float
+    s: float
 
     def u(self, lo: float, hi: float) -> float:
         """One uniform draw (every random choice goes through the case's single generator)."""
@@ -281,6 +366,153 @@ class _Composer:
         """A bounded smooth level offset: the surface moves, but never beyond :func:`wobble_reach`."""
         return np.float32(wobble) * np.clip(self.local_field(shape, feature_mm), -WOBBLE_CLIP, WOBBLE_CLIP)
 
+    def body_depth(self, a: float, b: float, z_extent: float) -> np.ndarray:
+        """Depth in mm inside the skin along each pixel's ray, for a superellipse body of semi-axes ``a`` x ``b``
+        whose radii shrink by up to a few % over ``z_extent`` mm (never grow, so a fitted body stays in view).
+        Also keeps the rays' ``cos_t`` / ``sin_t`` for layers and ribs that depend on the direction."""
+        power = self.u(2.0, 3.2)
+        r, radius0, self.cos_t, self.sin_t = body_rays(self.grid, a, b, power)
+        phase = self.rng.uniform(0, 2 * np.pi, 2)
+        freq = self.rng.uniform(0.5, 1.5, 2) * 2 * np.pi / z_extent
+        z = self.grid.z
+        overall = 1.0 - self.u(0.0, 0.06) * 0.5 * (1 + np.sin(freq[0] * z + phase[0]))
+        ap_only = -self.u(0.0, 0.08) * 0.5 * (1 + np.sin(freq[1] * z + phase[1]))
+        depth = radius0[None] * (overall[:, None, None] + ap_only[:, None, None] * (self.sin_t**2)[None]) - r[None]
+        return depth.astype(np.float32)
+
+    def body_layers(self, fat_mm: tuple[float, float], muscle_mm: tuple[float, float]) -> float:
+        """Draw skin, subcutaneous fat and abdominal-wall muscle thicknesses (fat thicker in front and at the
+        sides, thinner over the back; muscle varying around the body); sets ``fat_depth`` and ``cavity_depth``
+        (mm along each ray) and returns the skin thickness."""
+        cos_t, sin_t = self.cos_t, self.sin_t
+        skin = self.u(1.0, 3.0)
+        fat = self.u(*fat_mm) * min(1.0, self.s * 1.2)
+        fat_angle = fat * (1 + self.u(-0.3, 0.3) * cos_t + self.u(0.0, 0.4) * np.maximum(-sin_t, 0)
+                           - self.u(0.2, 0.6) * np.maximum(sin_t, 0))
+        muscle = self.u(*muscle_mm) * min(1.0, max(self.s, 0.35))
+        muscle_angle = muscle * (1 + self.u(-0.3, 0.3) * np.cos(2 * np.arctan2(sin_t, cos_t) + self.u(0, 6.3)))
+        self.fat_depth = (skin + fat_angle).astype(np.float32)
+        self.cavity_depth = (self.fat_depth + muscle_angle).astype(np.float32)
+        return skin
+
+    def lobed_level(
+        self, lobes: list[Lobe], bend: float,
+        wobble: float, length: float,
+    ) -> tuple[Box, np.ndarray] | None:
+        """Level (``< 1`` inside) of a union of ellipsoid lobes ``(centre, radii, angle)``, bent by a smooth
+        z-dependent in-plane displacement of up to ``bend`` mm (period ~ ``length``) and its surface wobbled."""
+        grow = wobble_reach(wobble)
+        lo = np.min([[c[i] - r[i] * grow for i in range(3)] for c, r, _ in lobes], axis=0) - bend
+        hi = np.max([[c[i] + r[i] * grow for i in range(3)] for c, r, _ in lobes], axis=0) + bend
+        found = self.grid.box(tuple((lo + hi) / 2), tuple((hi - lo) / 2))
+        if found is None:
+            return None
+        box, (dz, dy, dx) = found
+        zs = self.grid.z[box[0]]
+        phase = self.u(0, 2 * np.pi)
+        shift_x = (bend * np.sin(2 * np.pi * zs / (self.u(1.0, 2.5) * length) + phase)).astype(np.float32)
+        shift_y = (0.5 * bend * np.cos(2 * np.pi * zs / (self.u(1.0, 2.5) * length) + phase)).astype(np.float32)
+        shift_x, shift_y = shift_x[:, None, None], shift_y[:, None, None]
+        box_centre = (lo + hi) / 2
+        level = None
+        for centre, radii, angle in lobes:
+            offsets = (dz + np.float32(box_centre[0] - centre[0]),
+                       dy + np.float32(box_centre[1] - centre[1]) + shift_y,
+                       dx + np.float32(box_centre[2] - centre[2]) + shift_x)
+            lobe = ellipsoid_level(offsets, radii, angle, z_power=self.u(2.0, 3.5))
+            level = lobe if level is None else np.minimum(level, lobe)
+        level += self.surface_noise(level.shape, self.u(25.0, 50.0) * max(self.s, 0.3), wobble)
+        return box, level
+
+    def liver_lobes(self, mid: float, half: float) -> list[Lobe]:
+        """The liver's lobes ``(centre, radii, angle)`` for :meth:`lobed_level`, centred at z ``mid`` with half
+        length ``half`` mm: the big right lobe, the left lobe reaching across the midline, sometimes the caudate
+        lobe and a Riedel-like inferior extension; in-plane sizes follow the body's semi-axes ``a`` and ``b``."""
+        lobes = [  # (centre z, y, x), (radii z, y, x), angle: the big right lobe first
+            ((mid, self.u(-0.1, 0.15) * self.b, self.u(-0.5, -0.25) * self.a),
+             (half * self.u(0.95, 1.05), self.u(0.6, 0.9) * self.b, self.u(0.45, 0.65) * self.a), self.u(-0.5, 0.3)),
+            ((mid + half * self.u(0.0, 0.35), self.u(-0.55, -0.3) * self.b, self.u(-0.1, 0.2) * self.a),
+             (half * self.u(0.35, 0.65), self.u(0.15, 0.3) * self.b, self.u(0.25, 0.45) * self.a), self.u(-0.35, 0.15)),
+        ]
+        if self.rng.random() < 0.5:  # caudate lobe, medial and posterior
+            lobes.append(((mid + half * self.u(0.0, 0.3), self.u(0.0, 0.25) * self.b, self.u(-0.2, 0.0) * self.a),
+                          (half * self.u(0.3, 0.5), self.u(0.12, 0.2) * self.b, self.u(0.1, 0.18) * self.a), 0.0))
+        if self.rng.random() < 0.35:  # Riedel-like inferior extension of the right lobe
+            lobes.append(((mid - half * self.u(0.4, 0.7), self.u(-0.1, 0.2) * self.b, self.u(-0.55, -0.4) * self.a),
+                          (half * self.u(0.3, 0.5), self.u(0.2, 0.35) * self.b, self.u(0.12, 0.25) * self.a), 0.0))
+        return lobes
+
+    def lesion_shape(self, liver_idx: np.ndarray) -> tuple[Box, np.ndarray, np.ndarray, float]:
+        """An irregular ellipsoid (log-uniform 2–35 mm radius, so tiny lesions are common) centred on a random
+        liver voxel: its box, level (``< 1`` inside), mask (never empty: it keeps its centre voxel) and radius."""
+        centre_idx = np.unravel_index(int(self.rng.choice(liver_idx)), self.shape)
+        centre = self.grid.voxel_mm(centre_idx)
+        radius = float(np.exp(self.rng.uniform(np.log(2.0), np.log(35.0))))
+        radii = tuple(radius * self.rng.uniform(0.7, 1.3, 3))
+        rotation = _random_rotation(self.rng)
+        wobble = self.u(0.0, 0.35)
+        reach = max(radii) * wobble_reach(wobble)
+        box, offsets = self.grid.box(centre, (reach, reach, reach))
+        level = rotated_ellipsoid_level(offsets, radii, rotation)
+        level = level + self.surface_noise(level.shape, radius * 0.8, wobble)
+        shape_mask = level < 1.0
+        shape_mask[tuple(c - s.start for c, s in zip(centre_idx, box))] = True
+        return box, level, shape_mask, radius
+
+    def rib_mask(self, lo: int, depth: np.ndarray, thickness: float) -> np.ndarray:
+        """Ribs from slice ``lo`` up: intermittent oblique arcs ``thickness`` mm thick at the inner edge of the body
+        wall (``depth`` is :meth:`body_depth` from ``lo`` on), none at the anterior midline (cartilage) or
+        straight behind (spine)."""
+        inner = self.cavity_depth[None] + np.float32(thickness * self.u(0.2, 0.6))
+        band = (depth > inner - thickness) & (depth <= inner)
+        theta = np.arctan2(self.sin_t, self.cos_t)
+        lateral = np.abs(self.cos_t) > self.u(0.25, 0.4)
+        band &= lateral[None]
+        idx = np.nonzero(band)
+        period = self.scaled(25.0, 38.0, 4.0)
+        phase = (2 * np.pi * self.grid.z[lo:][idx[0]] / period + self.u(4.0, 8.0) * np.abs(theta[idx[1], idx[2]])
+                 + self.u(0, 6.3))
+        keep = np.cos(phase) > self.u(0.3, 0.6)
+        rib = np.zeros(band.shape, dtype=bool)
+        rib[idx[0][keep], idx[1][keep], idx[2][keep]] = True
+        return rib
+
+
+class _Composer(_Sketch):
+    """The classic style: draws one case's anatomy and composes it; the order of the ``_add_*`` calls is the
+    painting order."""
+
+    def __init__(self, rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float]):
+        self.rng = rng
+        self.shape = shape
+        self.spacing = spacing
+        depth, height, width = shape
+        half_w = width * spacing[2] / 2
+        half_h = height * spacing[1] / 2
+        # The body must fit the field of view: semi-axes are a fraction of it, the centre moves only in the slack.
+        self.a = float(rng.uniform(0.55, 0.95) * half_w)
+        self.b = float(min(rng.uniform(0.6, 0.85) * self.a, 0.93 * half_h))
+        slack_x = max(half_w - self.a, 0.0) * 0.4
+        slack_y = max(half_h - self.b, 0.0) * 0.4
+        # a shift toward the patient's left stays small so the liver stays in the image's right half
+        centre = (float(rng.uniform(-slack_y, slack_y)), float(rng.uniform(-slack_x, min(slack_x, 0.08 * self.a))))
+        self.grid = _Grid(shape, spacing, centre)
+        self.s = self.a / ADULT_HALF_WIDTH_MM  # anatomy scale
+        self.z_lo, self.z_hi = float(self.grid.z[0]), float(self.grid.z[-1])
+        self.z_len = max(self.z_hi - self.z_lo, spacing[0])
+        texture = smooth_random_field(rng, shape, _control_points(shape, spacing, 12.0 * max(self.s, 0.3)))
+        self.canvas = _Canvas(self.grid, texture)
+        self.liver = np.zeros(shape, dtype=bool)
+        self.lesion = np.zeros(shape, dtype=bool)
+        self.instances = np.zeros(shape, dtype=np.uint16)
+        self.contrast = bool(rng.random() < 0.75)
+        self.liver_hu = float(rng.uniform(60.0, 150.0) if self.contrast else rng.uniform(30.0, 70.0))
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def z_at(self, fraction: float) -> float:
+        """The z (mm) at ``fraction`` of the field's inferior -> superior extent."""
+        return self.z_lo + fraction * self.z_len
+
     # -- composition --------------------------------------------------------------------------------------
     def compose(self) -> Phantom:
         self._add_table()
@@ -315,31 +547,8 @@ class _Composer:
 
     def _add_body_wall(self) -> None:
         """Superellipse body with skin, subcutaneous fat and muscle wall; radii vary smoothly with z."""
-        rng, g = self.rng, self.grid
-        power = self.u(2.0, 3.2)
-        y2, x2 = g.y[:, None], g.x[None, :]
-        r = np.sqrt(y2 * y2 + x2 * x2)
-        rho0 = ((np.abs(x2) / self.a) ** power + (np.abs(y2) / self.b) ** power) ** (1.0 / power)
-        radius0 = (r / np.maximum(rho0, 1e-6)).astype(np.float32)  # body radius along each pixel's ray
-        cos_t = np.where(r > 0, x2 / np.maximum(r, 1e-6), 1.0)
-        sin_t = np.where(r > 0, y2 / np.maximum(r, 1e-6), 0.0)
-        self.cos_t, self.sin_t = cos_t.astype(np.float32), sin_t.astype(np.float32)
-        # Radii shrink by up to a few % along z (never grow, so the body stays in the field of view).
-        phase = rng.uniform(0, 2 * np.pi, 2)
-        freq = rng.uniform(0.5, 1.5, 2) * 2 * np.pi / self.z_len
-        overall = 1.0 - self.u(0.0, 0.06) * 0.5 * (1 + np.sin(freq[0] * g.z + phase[0]))
-        ap_only = -self.u(0.0, 0.08) * 0.5 * (1 + np.sin(freq[1] * g.z + phase[1]))
-        depth = radius0[None] * (overall[:, None, None] + ap_only[:, None, None] * (self.sin_t**2)[None]) - r[None]
-        self.depth = depth.astype(np.float32)  # mm inside the skin along the ray from the centre
-
-        skin = self.u(1.0, 3.0)
-        fat = self.u(5.0, 35.0) * min(1.0, self.s * 1.2)
-        fat_angle = fat * (1 + self.u(-0.3, 0.3) * cos_t + self.u(0.0, 0.4) * np.maximum(-sin_t, 0)
-                           - self.u(0.2, 0.6) * np.maximum(sin_t, 0))
-        muscle = self.u(6.0, 15.0) * min(1.0, max(self.s, 0.35))
-        muscle_angle = muscle * (1 + self.u(-0.3, 0.3) * np.cos(2 * np.arctan2(sin_t, cos_t) + self.u(0, 6.3)))
-        self.fat_depth = (skin + fat_angle).astype(np.float32)
-        self.cavity_depth = (self.fat_depth + muscle_angle).astype(np.float32)
+        self.depth = self.body_depth(self.a, self.b, self.z_len)  # mm inside the skin along the ray from the centre
+        skin = self.body_layers(fat_mm=(5.0, 35.0), muscle_mm=(6.0, 15.0))
         full = _full_box(self.shape)
         self.canvas.paint(full, self.depth > 0, self.u(20.0, 60.0))
         self.canvas.paint(full, self.depth > skin, self.u(-120.0, -70.0), self.u(3.0, 8.0))
@@ -485,41 +694,11 @@ class _Composer:
         top = self.z_hi + self.u(-0.1, 0.2) * self.z_len
         mid = top - length / 2
         half = length / 2
-        lobes = [  # (centre z, y, x), (radii z, y, x), angle: the big right lobe first
-            ((mid, self.u(-0.1, 0.15) * self.b, self.u(-0.5, -0.25) * self.a),
-             (half * self.u(0.95, 1.05), self.u(0.6, 0.9) * self.b, self.u(0.45, 0.65) * self.a), self.u(-0.5, 0.3)),
-            ((mid + half * self.u(0.0, 0.35), self.u(-0.55, -0.3) * self.b, self.u(-0.1, 0.2) * self.a),
-             (half * self.u(0.35, 0.65), self.u(0.15, 0.3) * self.b, self.u(0.25, 0.45) * self.a), self.u(-0.35, 0.15)),
-        ]
-        if self.rng.random() < 0.5:  # caudate lobe, medial and posterior
-            lobes.append(((mid + half * self.u(0.0, 0.3), self.u(0.0, 0.25) * self.b, self.u(-0.2, 0.0) * self.a),
-                          (half * self.u(0.3, 0.5), self.u(0.12, 0.2) * self.b, self.u(0.1, 0.18) * self.a), 0.0))
-        if self.rng.random() < 0.35:  # Riedel-like inferior extension of the right lobe
-            lobes.append(((mid - half * self.u(0.4, 0.7), self.u(-0.1, 0.2) * self.b, self.u(-0.55, -0.4) * self.a),
-                          (half * self.u(0.3, 0.5), self.u(0.2, 0.35) * self.b, self.u(0.12, 0.25) * self.a), 0.0))
-        bend = self.u(0.0, 0.12) * self.a
-        wobble = self.u(0.1, 0.3)
-        grow = wobble_reach(wobble)
-        lo = np.min([[c[i] - r[i] * grow for i in range(3)] for c, r, _ in lobes], axis=0) - bend
-        hi = np.max([[c[i] + r[i] * grow for i in range(3)] for c, r, _ in lobes], axis=0) + bend
-        found = self.grid.box(tuple((lo + hi) / 2), tuple((hi - lo) / 2))
+        lobes = self.liver_lobes(mid, half)
+        found = self.lobed_level(lobes, bend=self.u(0.0, 0.12) * self.a, wobble=self.u(0.1, 0.3), length=length)
         if found is None:
             return
-        box, (dz, dy, dx) = found
-        # A smooth z-dependent in-plane displacement bends the whole organ; a smooth 3D field moves its surface.
-        zs = self.grid.z[box[0]]
-        phase = self.u(0, 2 * np.pi)
-        shift_x = (bend * np.sin(2 * np.pi * zs / (self.u(1.0, 2.5) * length) + phase)).astype(np.float32)[:, None, None]
-        shift_y = (0.5 * bend * np.cos(2 * np.pi * zs / (self.u(1.0, 2.5) * length) + phase)).astype(np.float32)[:, None, None]
-        box_centre = (lo + hi) / 2
-        level = None
-        for centre, radii, angle in lobes:
-            offsets = (dz + np.float32(box_centre[0] - centre[0]),
-                       dy + np.float32(box_centre[1] - centre[1]) + shift_y,
-                       dx + np.float32(box_centre[2] - centre[2]) + shift_x)
-            lobe = ellipsoid_level(offsets, radii, angle, z_power=self.u(2.0, 3.5))
-            level = lobe if level is None else np.minimum(level, lobe)
-        level += self.surface_noise(level.shape, self.u(25.0, 50.0) * max(self.s, 0.3), wobble)
+        box, level = found
         # the IVC runs past (or through) the liver but is not liver
         mask = (level < 1.0) & self.cavity[box] & ~self.great_vessels[box] & ~self._retroperitoneum(box)
         self.liver[box] = mask
@@ -530,10 +709,8 @@ class _Composer:
 
     def _retroperitoneum(self, box: Box) -> np.ndarray:
         """Spine, aorta and the space around them, where no liver can grow."""
-        dy = self.grid.y[box[1]][:, None] - self.spine_y
-        dx = np.abs(self.grid.x[box[2]][None, :] - self.spine_x) / self.retro_half_width
-        front = (dy / (self.spine_ry + self.retro_depth)) ** 2 + dx**2 < 1.0
-        return (front | ((dy > 0) & (dx < 1.0)))[None]
+        return retroperitoneum_mask(self.grid, box, (self.spine_y, self.spine_x), self.spine_ry, self.retro_depth,
+                                    self.retro_half_width)
 
     def _carve_liver(self, box: Box, mask: np.ndarray) -> None:
         """Structures painted after the liver take their voxels out of its label."""
@@ -628,20 +805,7 @@ class _Composer:
         if lo >= self.shape[0]:
             return
         box = (slice(lo, self.shape[0]), slice(0, self.shape[1]), slice(0, self.shape[2]))
-        thickness = self.scaled(5.0, 9.0, 1.0)
-        inner = self.cavity_depth[None] + np.float32(thickness * self.u(0.2, 0.6))
-        depth = self.depth[box]
-        band = (depth > inner - thickness) & (depth <= inner)
-        theta = np.arctan2(self.sin_t, self.cos_t)
-        # no ribs at the anterior midline (cartilage) or straight behind (spine)
-        lateral = np.abs(self.cos_t) > self.u(0.25, 0.4)
-        band &= lateral[None]
-        idx = np.nonzero(band)
-        period = self.scaled(25.0, 38.0, 4.0)
-        phase = (2 * np.pi * self.grid.z[lo:][idx[0]] / period + self.u(4.0, 8.0) * np.abs(theta[idx[1], idx[2]]) + self.u(0, 6.3))
-        keep = np.cos(phase) > self.u(0.3, 0.6)
-        rib = np.zeros(band.shape, dtype=bool)
-        rib[idx[0][keep], idx[1][keep], idx[2][keep]] = True
+        rib = self.rib_mask(lo, self.depth[box], self.scaled(5.0, 9.0, 1.0))
         self.canvas.paint(box, rib, self.u(300.0, 900.0), 30.0)
         self._carve_liver(box, rib)
 
@@ -667,14 +831,11 @@ class _Composer:
                 self._tube(start, start + (tip - start) * self.u(0.4, 0.8), self.u(1.2, 3.0) * max(self.s, 0.4), delta * 0.8)
 
     def _tube(self, start: np.ndarray, end: np.ndarray, radius: float, delta_hu: float) -> None:
-        lo, hi = np.minimum(start, end) - radius, np.maximum(start, end) + radius
-        found = self.grid.box(tuple((lo + hi) / 2), tuple((hi - lo) / 2))
+        found = tube_mask(self.grid, start, end, radius)
         if found is None:
             return
-        box, (dz, dy, dx) = found
-        origin = start - (lo + hi) / 2
-        offsets = (dz - np.float32(origin[0]), dy - np.float32(origin[1]), dx - np.float32(origin[2]))
-        mask = (segment_distance(offsets, tuple(end - start)) < radius) & self.liver[box]
+        box, mask = found
+        mask &= self.liver[box]
         self.canvas.paint(box, mask, self.liver_hu + delta_hu, 3.0)
 
     def _add_lesions(self) -> None:
@@ -684,19 +845,7 @@ class _Composer:
         if liver_idx.size < 20:
             return
         for lesion_id in range(1, count + 1):
-            centre_idx = np.unravel_index(int(self.rng.choice(liver_idx)), self.shape)
-            centre = self.grid.voxel_mm(centre_idx)
-            # log-uniform radius so tiny lesions are common
-            radius = float(np.exp(self.rng.uniform(np.log(2.0), np.log(35.0))))
-            radii = tuple(radius * self.rng.uniform(0.7, 1.3, 3))
-            rotation = _random_rotation(self.rng)
-            wobble = self.u(0.0, 0.35)
-            reach = max(radii) * wobble_reach(wobble)
-            box, offsets = self.grid.box(centre, (reach, reach, reach))
-            level = rotated_ellipsoid_level(offsets, radii, rotation)
-            level = level + self.surface_noise(level.shape, radius * 0.8, wobble)
-            shape_mask = level < 1.0
-            shape_mask[tuple(c - s.start for c, s in zip(centre_idx, box))] = True  # a lesion keeps at least one voxel
+            box, level, shape_mask, radius = self.lesion_shape(liver_idx)
             mask = shape_mask & self.liver[box]
             hyper = self.rng.random() < 0.25
             lesion_hu = self.liver_hu + (self.u(20.0, 70.0) if hyper else -self.u(20.0, 90.0))
@@ -717,12 +866,5 @@ class _Composer:
         hu = ndimage.gaussian_filter(self.canvas.hu, (sigma_z if sigma_z > 0.2 else 0.0, sigma, sigma), mode="nearest")
         hu = hu * np.float32(self.u(0.97, 1.03)) + np.float32(self.u(-8.0, 8.0))  # scanner calibration
         noise_std = self.u(4.0, 30.0)
-        noise = self.rng.standard_normal(self.shape, dtype=np.float32)
-        if self.rng.random() < 0.5:
-            correlation = self.u(0.5, 1.5)
-            noise = ndimage.gaussian_filter(noise, (0.0, correlation, correlation), mode="nearest")
-            noise /= max(float(noise[:: max(1, self.shape[0] // 8)].std()), 1e-6)
-        hu += noise * np.float32(noise_std)
-        np.rint(hu, out=hu)
-        np.clip(hu, HU_MIN, HU_MAX, out=hu)
-        return hu.astype(np.int16)
+        hu += correlated_noise(self.rng, self.shape, (0.5, 1.5)) * np.float32(noise_std)
+        return quantize_hu(hu)
