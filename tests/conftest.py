@@ -36,3 +36,20 @@ def tiny_checkpoint(tiny_phantoms, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-run")
     assert train_main(["unet", "--data", str(tiny_phantoms), "--out", str(out), "--preset", "tiny", "--no-progress"]) == 0
     return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """Import a script of ``benchmarks/`` by name (they are scripts, not a package, and import each other)."""
+    import importlib
+
+    folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
+
+    def load(name: str):
+        sys.path.insert(0, folder)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(folder)
+
+    return load

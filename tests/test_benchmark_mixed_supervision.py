@@ -2,23 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def benchmark():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import mixed_supervision
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return mixed_supervision
+def benchmark(benchmark_module):
+    return benchmark_module("mixed_supervision")
 
 
 def test_split_manifests_share_validation_and_hide_weak_masks(benchmark, tmp_path):

@@ -27,6 +27,8 @@ from tqdm import tqdm
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError
 from mixsup.files import atomic_path
+from mixsup.resample import resample_inplane
+from mixsup.scan import read_nifti
 from mixsup.stacks import AIR_HU, slice_stack_indices
 from mixsup.training.data.dataset import (
     Augmentation,
@@ -34,8 +36,6 @@ from mixsup.training.data.dataset import (
     Volume,
     load_volume,
 )
-from mixsup.resample import resample_inplane
-from mixsup.scan import read_nifti
 from mixsup.training.data.manifest import Manifest, find_mask
 from mixsup.training.recipes.base import STRONG, Recipe
 
