@@ -361,6 +361,22 @@ def plot(rows: list[dict[str, Any]], out_rows: Path, out_sweep: Path) -> None:
     plt.close(figure)
 
 
+def write_reports(document: dict[str, Any], folder: Path) -> None:
+    """The results as JSON, a Markdown table and the two plots in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mixed_supervision.json").write_text(json.dumps(document, indent=2) + "\n")
+    rows = document["rows"]
+    table = markdown_table(rows, next((row for row in rows if row["method"] == "full"), None))
+    (folder / "mixed_supervision.md").write_text(
+        f"# Mixed supervision benchmark ({document['preset']} preset, seeds {document['seeds']}; sweep and "
+        f"perturbed rows: seeds {document['sweep_seeds']})\n\n`{document['command']}`: "
+        f"{document['wall_seconds'] / 60:.1f} min wall for this invocation; the runs' training took "
+        f"{document['training_seconds_total'] / 60:.1f} min in all, {document['settings']['jobs']} at a time "
+        f"(a rerun over kept runs only evaluates them).\n\n{table}")
+    plot(rows, folder / "mixed_supervision_rows.png", folder / "mixed_supervision_sweep.png")
+    print(table)
+
+
 # -------------------------------------------------------------------------------------------------- main
 def with_overrides(preset: Preset, assignments: Sequence[str]) -> Preset:
     """``preset`` with ``KEY=VALUE`` training settings replaced (values parsed as JSON where they parse)."""
@@ -437,7 +453,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     by_row = {row.method: [r for (job_row, _), r in zip(jobs, results) if job_row.method == row.method]
               for row in rows}
     summaries = [summarise(row, by_row[row.method]) for row in rows]
-    full = next((s for s in summaries if s["method"] == "full"), None)
     document = {"preset": args.device or args.preset, "settings": {**preset.__dict__, "shape": list(preset.shape)},
                 "seeds": args.seeds, "sweep_seeds": args.sweep_seeds,
                 "pool_seed": 1000, "test_seed": 2000, "foreign_seed": 3000, "independent_seed": 4000,
@@ -447,15 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "training_seconds_total": round(sum(r["seconds"] for r in results), 1),
                 "command": "python benchmarks/mixed_supervision.py " + " ".join(argv or sys.argv[1:]),
                 "rows": summaries}
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "mixed_supervision.json").write_text(json.dumps(document, indent=2) + "\n")
-    table = markdown_table(summaries, full)
-    (args.results / "mixed_supervision.md").write_text(
-        f"# Mixed supervision benchmark ({document['preset']} preset, seeds {args.seeds}; sweep and perturbed "
-        f"rows: seeds {args.sweep_seeds})\n\n"
-        f"`{document['command']}` — {document['wall_seconds'] / 60:.1f} min wall.\n\n{table}")
-    plot(summaries, args.results / "mixed_supervision_rows.png", args.results / "mixed_supervision_sweep.png")
-    print(table)
+    write_reports(document, args.results)
     print(f"wall time {document['wall_seconds'] / 60:.1f} min; results in {args.results}")
     return 0
 
