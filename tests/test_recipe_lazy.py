@@ -16,9 +16,9 @@ from mixsup.training.recipes.lazy import (
     RECIPE,
     LazySettings,
     TaskTargets,
-    inscribed_ellipses,
     interface_map,
     multi_task_losses,
+    placed_ellipses,
     rough_regions_from_boxes,
     rough_regions_from_mask,
 )
@@ -245,7 +245,7 @@ def test_box_rough_regions_are_mostly_right_on_phantoms():
     fractions = wrong_label_fractions(crops)
     assert fractions["all"][0] < 0.04 and fractions[1][0] < 0.04 and fractions[2][0] < 0.04, fractions
     assert fractions[1][1] > 1000 and fractions[2][1] > 1000, fractions  # still a label worth training on
-    centred = wrong_label_fractions(crops, lambda organ, _: np.where(inscribed_ellipses(organ, 0.5), 1, 0))
+    centred = wrong_label_fractions(crops, lambda organ, _: np.where(placed_ellipses(organ, 0.5), 1, 0))
     assert centred[1][0] > 0.15, centred
 
 
@@ -254,7 +254,7 @@ def test_inner_ellipse_stays_inside_a_rotated_box():
     angle = np.deg2rad(30)
     u, v = np.cos(angle) * y + np.sin(angle) * x, -np.sin(angle) * y + np.cos(angle) * x
     box = (np.abs(u) <= 18) & (np.abs(v) <= 8)
-    inside = inscribed_ellipses(box, shrink=1.0)
+    inside = placed_ellipses(box, shrink=1.0)
     assert not np.any(inside & ~box)
     assert np.all(inside[(u / 18) ** 2 + (v / 8) ** 2 <= 0.8])
     assert inside.sum() < 0.85 * box.sum()  # an ellipse, not the box (pi/4 of it)

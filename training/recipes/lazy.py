@@ -156,11 +156,6 @@ def cut_components(components: np.ndarray, offset: tuple[float, float]) -> np.nd
     return cut[1:]
 
 
-def inscribed_ellipses(region: np.ndarray, shrink: float) -> np.ndarray:
-    """Boolean [h, w]: the centred ellipse of every box component (:func:`placed_ellipses` without an offset)."""
-    return placed_ellipses(region, shrink)
-
-
 def rough_regions_from_boxes(organ_box: np.ndarray, lesion_box: np.ndarray,
                              organ_core: tuple[float, float] = ORGAN_CORE, organ_core_radius: float = 0.25,
                              lesion_shrink: float = 0.3, background_margin: float = 2.0) -> np.ndarray:
