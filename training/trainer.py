@@ -28,7 +28,6 @@ from mixsup.contract import ModelContract
 from mixsup.errors import InputError
 from mixsup.files import atomic_path
 from mixsup.resample import resample_inplane
-from mixsup.scan import read_nifti
 from mixsup.stacks import AIR_HU, slice_stack_indices
 from mixsup.training.data.dataset import (
     Augmentation,
@@ -36,7 +35,7 @@ from mixsup.training.data.dataset import (
     Volume,
     load_volume,
 )
-from mixsup.training.data.manifest import Manifest, find_mask
+from mixsup.training.data.manifest import Manifest, find_mask, load_case
 from mixsup.training.recipes.base import STRONG, Recipe
 
 CHECKPOINT_FORMAT = "mixsup-checkpoint"
@@ -314,22 +313,25 @@ class StageContext:
 
 
 def hidden_labels(manifest: Manifest, case: str, shape: Sequence[int]) -> np.ndarray | None:
-    """``case``'s mask if the dataset has one (referenced or hidden), canonical and resampled in-plane (nearest)
-    to ``shape`` [D, h, w]; None if it has none or its depth differs."""
+    """``case``'s mask if the dataset has one (referenced or hidden), read as training reads masks (checked to lie
+    on the volume's grid) and resampled in-plane (nearest) to ``shape`` [D, h, w]; None if it has none."""
     found = next((c for c in manifest.cases if c.case == case), None)
     relative = None if found is None else find_mask(manifest.root, found)
     if relative is None:
         return None
-    labels, _ = read_nifti(manifest.root / relative).canonical()
-    if labels.shape[0] != shape[0]:
-        return None
-    return resample_inplane(np.rint(labels).astype(np.uint8), shape[1:], order=0)
+    _, labels, _ = load_case(dataclasses.replace(found, segmentation=relative, instances=None), manifest.root)
+    return resample_inplane(labels, shape[1:], order=0)
 
 
 def validation_score(scores: dict[str, float]) -> float:
     """What picks the best epoch: the mean of liver and lesion Dice, so a checkpoint that has forgotten lesions
     never wins on liver alone."""
     return float(np.mean([scores["dice_liver"], scores["dice_lesion"]]))
+
+
+def epoch_score(row: dict[str, Any]) -> float:
+    """:func:`validation_score` of a log row, or its negated training loss when nothing was validated."""
+    return validation_score(row) if np.isfinite(row["dice_liver"]) else -row["train_loss"]
 
 
 def best_stage_path(out: Path, stage: str) -> Path:
@@ -446,7 +448,7 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                 # Only the exported network's stage competes for best.pt: a teacher's Dice with boxes is no
                 # measure of the student. An earlier stage keeps its own best in best_<stage>.pt.
                 last_stage = stage_index == len(recipe.STAGES) - 1
-                score = validation_score(scores) if pairs else -row["train_loss"]
+                score = epoch_score(row)
                 state["epoch"] = epoch + 1
                 payload = {
                     "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "recipe": recipe.NAME,
@@ -482,9 +484,7 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
 
 def stage_best_score(history: list[dict[str, Any]], stage: str) -> float:
     """The best :func:`validation_score` logged so far in ``stage`` (-inf before its first epoch)."""
-    scores = [validation_score(row) if np.isfinite(row["dice_liver"]) else -row["train_loss"]
-              for row in history if row["stage"] == stage]
-    return max(scores, default=-float("inf"))
+    return max((epoch_score(row) for row in history if row["stage"] == stage), default=-float("inf"))
 
 
 def gather_rng_states(rng: np.random.Generator, parallel: Distributed) -> list[dict]:
