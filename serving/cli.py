@@ -1,7 +1,10 @@
 """``mixsup-serve``: start Triton on a model repository, wait until it is ready, stop cleanly on Ctrl-C/SIGTERM.
 
-Exit codes: 0 stopped on request, 2 bad usage (e.g. no model repository), 3 the server did not become ready,
-1 the server stopped on its own or anything else.
+Exit codes: 0 stopped on request, 2 bad usage (e.g. no model repository), 3 a port is in use or the server did
+not become ready, 1 the server stopped on its own or anything else.
+
+Triton never outlives this command: a supervisor process between the two stops it (and its python-backend
+stubs) when this command exits in any way, SIGKILL included (see mixsup.serving.launcher).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Sequence
 
 import mixsup
 from mixsup.errors import EXIT_OK, InputError, MixsupError, add_debug_flag, run_command
-from mixsup.serving.launcher import ServerStartupError, TritonProcess
+from mixsup.serving.launcher import RESTRICTED_APIS, ServerStartupError, TritonProcess, describe_exit
 
 PROG = "mixsup-serve"
 LOG_TAIL_LINES = 20
@@ -42,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--model-repository", metavar="DIR",
                         help="Triton model repository (default: model_repository/ of the source checkout)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind gRPC, HTTP and metrics to")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind gRPC, HTTP and metrics to (default: loopback only); any other "
+                             f"address closes Triton's {', '.join(RESTRICTED_APIS)} APIs")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -73,7 +78,15 @@ def serve(args: argparse.Namespace) -> int:
     )
     try:
         server.start()
-        print(f"{PROG}: starting Triton on {repository} (pid {server.pid}, log {server.log_path})", flush=True)
+        if server.swept_shm_regions:
+            size = sum(server.swept_shm_regions.values())
+            print(f"{PROG}: removed {len(server.swept_shm_regions)} shared-memory regions "
+                  f"({size / 2**20:.1f} MiB) of launchers that are gone", flush=True)
+        print(f"{PROG}: starting Triton on {repository} (pid {server.pid}, supervisor {server.supervisor_pid}, "
+              f"log {server.log_path})", flush=True)
+        if server.restricted:
+            print(f"{PROG}: listening on {args.host}, beyond loopback: Triton's {', '.join(RESTRICTED_APIS)} "
+                  "APIs are closed", flush=True)
         try:
             ready = server.wait_ready(args.startup_timeout, stop_requested)
         except ServerStartupError:
@@ -86,13 +99,22 @@ def serve(args: argparse.Namespace) -> int:
                 code = server.poll()
                 if code is not None:
                     print_log_tail(server)
-                    raise MixsupError(f"tritonserver stopped on its own with code {code} (log: {server.log_path})")
+                    raise MixsupError(exit_message(server, code))
         print(f"{PROG}: stopping", flush=True)
         return EXIT_OK
     finally:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def exit_message(server: TritonProcess, code: int) -> str:
+    """Why a server that was ready is gone, in one line."""
+    if server.supervisor_lost:
+        return (f"the supervisor of tritonserver (pid {server.supervisor_pid}) died ({describe_exit(code)}); "
+                f"tritonserver (pid {server.pid}) and its stubs were killed (log: {server.log_path})")
+    return (f"tritonserver stopped on its own ({describe_exit(code)}); its stubs are gone too "
+            f"(log: {server.log_path})")
 
 
 def count_ready(server: TritonProcess) -> int | str:

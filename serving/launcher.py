@@ -10,18 +10,41 @@ wheel. The bundled one needs some help to run our python-backend models (TRITON.
 - it needs libpython on LD_LIBRARY_PATH, and without it the server hangs while loading, never ready and never
   failing, so readiness is polled with a deadline and the log tail is the diagnosis.
 
-Each launch uses its own python-backend shared-memory prefix so its ``/dev/shm`` regions can be removed after
-the server stops, even if it had to be killed.
+A launch never leaves a server behind. The process tree is::
+
+    launcher (TritonProcess)  --stdin pipe-->  supervisor (own session)  -->  tritonserver (own group)  -->  stubs
+
+- The **supervisor** (``python -m mixsup.serving.launcher --supervise``) reads a pipe whose only writer is the
+  launcher: end-of-file means the launcher is gone, however it died (SIGKILL included) and whichever of its
+  threads started the server. It also watches its parent pid as a second line of defence. It then stops Triton.
+- Triton gets ``PR_SET_PDEATHSIG`` (SIGTERM) tied to the supervisor, which is single-threaded, so the
+  parent-death signal cannot fire early because some thread exited. If the supervisor itself is killed, Triton
+  shuts down and the launcher, if alive, kills Triton's process group.
+- Triton runs in its own process group and its python-backend stubs inherit it. The supervisor is a child
+  subreaper, so stubs orphaned by Triton's death become its children: when Triton exits for any reason, it
+  SIGKILLs the group (stubs may ignore SIGTERM), reaps every orphan, and only then reports Triton's exit code.
+- Each launch uses its own python-backend shared-memory prefix that names the launcher's pid and start time,
+  so its ``/dev/shm`` regions are removed after the server stops, and a later launch removes the regions of
+  launchers that are gone (and only those).
+- Ports are checked before Triton starts, so a busy port is one clear error instead of a failed server.
+- Any address other than loopback closes Triton's restricted APIs (model control, shared memory, logging,
+  trace) to everyone but this launcher.
 """
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import errno
 import importlib.util
+import ipaddress
 import json
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -32,19 +55,37 @@ import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from mixsup.errors import ServerUnavailable
+from mixsup.errors import InputError, ServerUnavailable
 
 STUB_NAME = "triton_python_backend_stub"
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "mixsup_serve_"
 POLL_INTERVAL_S = 0.2
 #: How long Triton waits for in-flight requests on SIGTERM. Triton 2.51 never releases an ensemble request
 #: whose parallel step failed (measured), so shutdown after such a request always waits this long.
 EXIT_TIMEOUT_S = 15
-#: Grace beyond EXIT_TIMEOUT_S before the launcher kills the server's process group.
+#: Grace beyond EXIT_TIMEOUT_S before the supervisor kills the server's process group.
 KILL_GRACE_S = 15.0
+#: Grace for Triton when the launcher is gone: nobody waits for this server any more, and a restart needs its
+#: ports, so in-flight requests get a few seconds, not EXIT_TIMEOUT_S (an idle server stops in 3-5 s).
+ORPHAN_GRACE_S = 5.0
+#: Extra time the launcher gives the supervisor (to reap stubs and remove shared memory) before killing it.
+SUPERVISOR_MARGIN_S = 10.0
+#: How long the supervisor may take to start Triton and report its pid (an interpreter start, on a busy host).
+SUPERVISOR_START_TIMEOUT_S = 60.0
+#: How long the supervisor waits for SIGKILLed processes to disappear (one stuck in the kernel takes a while).
+REAP_TIMEOUT_S = 10.0
+#: The header that opens Triton's restricted APIs; gRPC clients send it as ``triton-grpc-protocol-<name>``.
+ADMIN_HEADER = "mixsup-admin-key"
+#: APIs closed when listening beyond loopback: model control, shared-memory registration (it maps files of
+#: the server's host), log settings and trace settings. Inference, health, metadata and configs stay open.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+#: Linux prctl options (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 
 class ServerStartupError(ServerUnavailable):
@@ -53,6 +94,10 @@ class ServerStartupError(ServerUnavailable):
     def __init__(self, message: str, log_tail: str = "") -> None:
         super().__init__(message)
         self.log_tail = log_tail
+
+
+class PortInUse(ServerUnavailable):
+    """A port the server needs is taken (usually by another server), found before Triton is started."""
 
 
 def find_tritonserver() -> Path:
@@ -116,9 +161,152 @@ def server_environment(base: dict | None = None) -> dict[str, str]:
     return env
 
 
-def new_shm_prefix() -> str:
-    """A python-backend shared-memory prefix unique to one launch (pid + random, no '/')."""
-    return f"mixsup_serve_{os.getpid()}_{secrets.token_hex(4)}_"
+# ------------------------------------------------------------------------------------------ processes (/proc)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of ``/proc/<pid>/stat`` (state, ppid, pgrp, ...), or None if there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
+    return text.rsplit(")", 1)[1].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (with the pid, it names one process for good)."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def process_alive(pid: int, start_time: int | None = None) -> bool:
+    """Whether ``pid`` runs (zombies do not), and is the process that started at ``start_time`` if given."""
+    fields = _proc_stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return False
+    return start_time is None or int(fields[19]) == start_time
+
+
+def _processes(field: int, value: int) -> list[int]:
+    """Live processes whose stat field ``field`` (1 = ppid, 2 = process group) equals ``value``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _proc_stat(int(entry))
+            if fields and fields[0] not in ("Z", "X") and fields[field] == str(value):
+                found.append(int(entry))
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``: Triton and its python-backend stubs."""
+    return _processes(2, pgid)
+
+
+def live_children(pid: int) -> list[int]:
+    """Live (not zombie) children of ``pid``."""
+    return _processes(1, pid)
+
+
+# ------------------------------------------------------------------------------------------ shared memory
+
+
+def new_shm_prefix(pid: int | None = None) -> str:
+    """A python-backend shared-memory prefix unique to one launch, naming its owner: pid, start time, random.
+
+    The start time tells a later launch whether the owner still runs even after its pid was reused.
+    """
+    pid = os.getpid() if pid is None else pid
+    return f"{SHM_PREFIX}{pid}_{process_start_time(pid) or 0}_{secrets.token_hex(4)}_"
+
+
+# Owner pid, then (since the start time was added) the owner's start time, which is followed by the 8 random
+# hex digits and '_'; regions of older launches carry only the pid.
+_SHM_OWNER = re.compile(rf"^{SHM_PREFIX}(\d+)_(?:(\d+)_(?=[0-9a-f]{{8}}_))?")
+
+
+def shm_owner(name: str) -> tuple[int, int | None] | None:
+    """(pid, start time or None) of the launcher that owns a ``/dev/shm`` region; None if not a mixsup one."""
+    match = _SHM_OWNER.match(name)
+    if not match:
+        return None
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
+
+
+def remove_shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Remove the regions whose names start with ``prefix``; returns those removed."""
+    removed = []
+    for region in sorted(shm_dir.glob(prefix + "*")) if shm_dir.is_dir() else []:
+        try:
+            region.unlink()
+            removed.append(region)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def sweep_stale_shm_regions(shm_dir: Path = SHM_DIR) -> dict[Path, int]:
+    """Remove mixsup regions whose launcher is gone (e.g. SIGKILLed); those of running launchers stay.
+
+    Returns {removed region: its size in bytes}.
+    """
+    removed = {}
+    for region in sorted(shm_dir.iterdir()) if shm_dir.is_dir() else []:
+        owner = shm_owner(region.name)
+        if owner is None or process_alive(*owner):
+            continue
+        try:
+            size = region.stat().st_size
+            region.unlink()
+            removed[region] = size
+        except (FileNotFoundError, PermissionError):  # gone meanwhile, or another user's (sticky /dev/shm)
+            pass
+    return removed
+
+
+# ------------------------------------------------------------------------------------------ addresses and ports
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` resolves to is a loopback one (unresolvable counts as not loopback)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def check_ports(host: str, ports: Mapping[str, int]) -> None:
+    """Raise InputError for unusable ports and PortInUse for a busy one, before anything is started.
+
+    ``ports`` maps a flag stem ("grpc", "http", "metrics") to its port. The probe binds like a server does
+    (SO_REUSEADDR, so a port in TIME_WAIT counts as free, as it does for Triton) and only listeners conflict.
+    """
+    seen: dict[int, str] = {}
+    for name, port in ports.items():
+        if not 0 < port < 65536:
+            raise InputError(f"--{name}-port {port}: not a TCP port (1-65535)")
+        if port in seen:
+            raise InputError(f"--{seen[port]}-port and --{name}-port are both {port}")
+        seen[port] = name
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"--host {host}: cannot resolve ({exc})") from None
+    for name, port in ports.items():
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((address[0], port, *address[2:]))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        raise PortInUse(
+                            f"{name} port {port} on {host} is already in use (another mixsup-serve or "
+                            f"tritonserver?): stop it or pass another --{name}-port"
+                        ) from None
+                    raise InputError(f"cannot listen on {url_host(host)}:{port}: {exc.strerror}") from None
 
 
 def server_command(
@@ -132,8 +320,9 @@ def server_command(
     backend_directory: Path | None = None,
     verbose: bool = False,
     exit_timeout: int = EXIT_TIMEOUT_S,
+    admin_key: str | None = None,
 ) -> list[str]:
-    """The tritonserver command line."""
+    """The tritonserver command line; with ``admin_key``, RESTRICTED_APIS need ADMIN_HEADER set to it."""
     command = [
         str(tritonserver),
         f"--model-repository={model_repository}",
@@ -147,6 +336,9 @@ def server_command(
         f"--exit-timeout-secs={int(exit_timeout)}",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
     ]
+    if admin_key is not None:
+        restriction = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={admin_key}"
+        command += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
     if backend_directory is not None:
         command.append(f"--backend-directory={backend_directory}")
     if verbose:
@@ -160,7 +352,18 @@ def local_address(host: str) -> str:
 
 
 def url_host(host: str) -> str:
+    """``host`` as it goes into a URL (IPv6 addresses in brackets)."""
     return f"[{host}]" if ":" in host else host
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's exit status in words: "code 1", "SIGKILL"."""
+    if code is not None and code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
 
 
 #: Triton log lines that look like errors but are expected on a CPU-only host.
@@ -191,11 +394,197 @@ def first_error(path: Path) -> str | None:
     return None
 
 
-class TritonProcess:
-    """One tritonserver process: start, wait until ready, stop (SIGTERM, then SIGKILL) and clean up.
+# ------------------------------------------------------------------------------------------ the supervisor
 
-    Usable as a context manager. The server runs in its own session so a terminal's Ctrl-C reaches only the
-    launcher, which then stops the server in order.
+SUPERVISOR_MODULE = "mixsup.serving.launcher"
+_LIBC: ctypes.CDLL | None = None
+
+
+def _prctl(option: int, value: int) -> bool:
+    """Linux prctl(option, value); False where it is unavailable or fails."""
+    global _LIBC
+    if not sys.platform.startswith("linux"):
+        return False
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    zero = ctypes.c_ulong(0)
+    return _LIBC.prctl(ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero) == 0
+
+
+@dataclasses.dataclass
+class SupervisorSpec:
+    """What the supervisor needs: the server command and what to clean up after it."""
+
+    command: list[str]
+    launcher_pid: int
+    shm_prefix: str
+    runtime_dir: str | None = None
+    #: SIGTERM -> SIGKILL grace when the launcher asks to stop.
+    stop_timeout: float = EXIT_TIMEOUT_S + KILL_GRACE_S
+    #: SIGTERM -> SIGKILL grace when the launcher is gone.
+    orphan_grace: float = ORPHAN_GRACE_S
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SupervisorSpec":
+        return cls(**json.loads(text))
+
+
+def _say(message: str) -> None:
+    """A supervisor message, into the server log (the supervisor's stderr)."""
+    try:
+        print(f"mixsup-serve supervisor (pid {os.getpid()}): {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _report(line: str) -> None:
+    """One protocol line to the launcher; a launcher that is gone cannot read it, which is fine."""
+    try:
+        os.write(1, (line + "\n").encode())
+    except OSError:
+        pass
+
+
+def _server_child_setup(supervisor_pid: int) -> None:
+    """Runs in the forked child before exec of tritonserver (the supervisor is single-threaded: safe)."""
+    os.setpgid(0, 0)  # its own group, inherited by the stubs, so one killpg reaches them all
+    # SIGTERM, not SIGKILL: if the supervisor is killed, Triton still stops its stubs on the way out.
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor_pid:  # the supervisor died before the signal was armed
+        os._exit(1)
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether our child ``pid`` has exited, without reaping it: its pid, hence its process group id, stays
+    reserved until it is reaped, so a later killpg cannot hit a stranger that reused the number."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _watch(pid: int, launcher_pid: int, stop_requested: list, lifeline: int = 0) -> str:
+    """Block until the server exits ("exited"), a stop is requested ("stop") or the launcher is gone."""
+    while True:
+        if stop_requested:
+            return "stop"
+        if _has_exited(pid):
+            return "exited"
+        # The launcher's pipe is the main signal; the parent pid also catches a launcher whose pipe lives on in
+        # a child it forked without exec.
+        if os.getppid() != launcher_pid:
+            return "launcher gone"
+        readable, _, _ = select.select([lifeline], [], [], POLL_INTERVAL_S)
+        if readable and not os.read(lifeline, 4096):
+            return "launcher gone"
+
+
+def _terminate(pid: int, grace: float) -> None:
+    """SIGTERM the server and give it ``grace`` seconds to exit (it stops its stubs and frees its memory)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while not _has_exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _reap_orphans(pgid: int, timeout: float = REAP_TIMEOUT_S) -> list[int]:
+    """SIGKILL and reap what is left of the server's group; returns the pids still alive after ``timeout``.
+
+    As a child subreaper the supervisor inherits the stubs a dead Triton orphaned, so it can both kill them and
+    wait until they are really gone (not only signalled).
+    """
+    me = os.getpid()
+    deadline = time.monotonic() + timeout
+    while True:
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        survivors = sorted(set(group_members(pgid)) | set(live_children(me)))
+        if not survivors or time.monotonic() >= deadline:
+            return survivors
+        for pid in live_children(me):  # surely ours; group members were SIGKILLed while the pgid was held
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def supervise(spec: SupervisorSpec, lifeline: int = 0) -> int:
+    """Run tritonserver until it exits, the launcher asks to stop (SIGTERM) or the launcher is gone.
+
+    Reports ``pid N`` (or ``error MESSAGE``) and finally ``exit CODE`` (Popen's convention, negative for a
+    signal) on stdout, once the server, its stubs and its shared memory are all gone.
+    """
+    stop_requested: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: stop_requested.append(number))
+    if not _prctl(PR_SET_CHILD_SUBREAPER, 1):
+        _say("not a child subreaper (not Linux?): stubs orphaned by a dead tritonserver are killed, not reaped")
+    me = os.getpid()
+    try:
+        server = subprocess.Popen(
+            spec.command, stdin=subprocess.DEVNULL, stdout=2, stderr=2,
+            preexec_fn=lambda: _server_child_setup(me),
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        _report(f"error cannot run {spec.command[0]}: {exc}")
+        _clean_up(spec)
+        return 1
+    _report(f"pid {server.pid}")
+    reason = _watch(server.pid, spec.launcher_pid, stop_requested, lifeline)
+    if reason == "stop":
+        _terminate(server.pid, spec.stop_timeout)
+    elif reason == "launcher gone":
+        _say(f"the launcher (pid {spec.launcher_pid}) is gone: stopping tritonserver (pid {server.pid})")
+        _terminate(server.pid, spec.orphan_grace)
+    try:
+        os.killpg(server.pid, signal.SIGKILL)  # whatever is left: a hung server, stubs that ignore SIGTERM
+    except (ProcessLookupError, PermissionError):
+        pass
+    code = server.wait()
+    survivors = _reap_orphans(server.pid)
+    if survivors:
+        _say(f"processes of tritonserver's group survived SIGKILL: {survivors}")
+    if reason == "exited":
+        _say(f"tritonserver (pid {server.pid}) exited on its own ({describe_exit(code)}); its stubs are gone")
+    _clean_up(spec)
+    _report(f"exit {code}")
+    return 0 if code == 0 else 1
+
+
+def _clean_up(spec: SupervisorSpec) -> None:
+    remove_shm_regions(spec.shm_prefix)
+    if spec.runtime_dir:
+        shutil.rmtree(spec.runtime_dir, ignore_errors=True)
+
+
+def supervisor_main(argv: Sequence[str]) -> int:
+    """``python -m mixsup.serving.launcher --supervise SPEC_JSON`` (started by TritonProcess, not by hand)."""
+    if len(argv) != 2 or argv[0] != "--supervise":
+        print(f"usage: python -m {SUPERVISOR_MODULE} --supervise SPEC_JSON", file=sys.stderr)
+        return 2
+    return supervise(SupervisorSpec.from_json(argv[1]))
+
+
+# ------------------------------------------------------------------------------------------ the launcher side
+
+
+class TritonProcess:
+    """One tritonserver, run by a supervisor process: start, wait until ready, stop, and clean up.
+
+    Usable as a context manager. The supervisor runs in its own session so a terminal's Ctrl-C reaches only
+    the launcher, which then stops the server in order. ``pid`` is tritonserver's, ``supervisor_pid`` the
+    supervisor's.
     """
 
     def __init__(
@@ -218,7 +607,16 @@ class TritonProcess:
         self.tritonserver = Path(tritonserver) if tritonserver else None
         self.log_path = Path(log_file) if log_file else None
         self.shm_prefix = new_shm_prefix()
-        self.process: subprocess.Popen | None = None
+        #: Beyond loopback the restricted APIs need this key; only this launcher knows it.
+        self.admin_key = None if is_loopback(host) else secrets.token_hex(16)
+        #: {region: bytes} of launchers that are gone, removed by start().
+        self.swept_shm_regions: dict[Path, int] = {}
+        #: True when the supervisor died without reporting (it was killed); the launcher then killed the group.
+        self.supervisor_lost = False
+        self.process: subprocess.Popen | None = None  # the supervisor
+        self.server_pid: int | None = None
+        self._exit_code: int | None = None
+        self._reports = b""
         self._runtime_dir: Path | None = None
 
     @property
@@ -231,15 +629,34 @@ class TritonProcess:
 
     @property
     def pid(self) -> int | None:
+        """tritonserver's pid (also its process group id, shared with its stubs)."""
+        return self.server_pid
+
+    @property
+    def supervisor_pid(self) -> int | None:
         return self.process.pid if self.process else None
 
+    @property
+    def restricted(self) -> bool:
+        """Whether Triton's RESTRICTED_APIS are closed (listening beyond loopback)."""
+        return self.admin_key is not None
+
+    def admin_headers(self) -> dict[str, str]:
+        """HTTP headers that open the restricted APIs for this launcher."""
+        return {ADMIN_HEADER: self.admin_key} if self.admin_key else {}
+
     def poll(self) -> int | None:
-        """The server's exit code, or None while it runs."""
-        return self.process.poll() if self.process else None
+        """tritonserver's exit code, or None while it runs; once it has exited its stubs are gone too."""
+        if self._exit_code is None and self.process is not None and self.process.poll() is not None:
+            self._exit_code = self._collect_exit()
+        return self._exit_code
 
     def start(self) -> None:
+        """Check the ports, sweep stale shared memory, and start the supervisor, which starts tritonserver."""
         if self.process is not None:
             raise RuntimeError("this TritonProcess was already started")
+        check_ports(self.host, {"grpc": self.grpc_port, "http": self.http_port, "metrics": self.metrics_port})
+        self.swept_shm_regions = sweep_stale_shm_regions()
         tritonserver = self.tritonserver or find_tritonserver()
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="mixsup-serve-"))
         backends = prepare_backend_directory(tritonserver, self._runtime_dir)
@@ -249,14 +666,65 @@ class TritonProcess:
             self.log_path = Path(name)
         command = server_command(
             tritonserver, self.model_repository, self.host, self.grpc_port, self.http_port, self.metrics_port,
-            self.shm_prefix, backends, self.verbose,
+            self.shm_prefix, backends, self.verbose, admin_key=self.admin_key,
         )
+        spec = SupervisorSpec(command, os.getpid(), self.shm_prefix, str(self._runtime_dir))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
+            # stdin is the lifeline: this process holds its only write end, so the supervisor sees end-of-file
+            # when the launcher dies, however it dies. Python pipes are not inherited by other children.
             self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", SUPERVISOR_MODULE, "--supervise", spec.to_json()],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                 env=server_environment(), start_new_session=True,
             )
+        line = self._next_report(SUPERVISOR_START_TIMEOUT_S)
+        if line.startswith("pid "):
+            self.server_pid = int(line.split()[1])
+            return
+        if self.process.poll() is None:  # hung before starting the server
+            self.process.kill()
+            self.process.wait()
+        self._exit_code = self.process.returncode
+        what = line[len("error "):] if line.startswith("error ") else (
+            f"the server supervisor exited ({describe_exit(self.process.returncode)}) before starting tritonserver")
+        raise self._startup_error(what)
+
+    def _next_report(self, timeout: float) -> str:
+        """The supervisor's next protocol line; "" at end of file or after ``timeout`` seconds."""
+        fd = self.process.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._reports:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return ""
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            self._reports += chunk
+        line, _, self._reports = self._reports.partition(b"\n")
+        return line.decode(errors="replace").strip()
+
+    def _collect_exit(self) -> int | None:
+        """After the supervisor exited: the server's code it reported, or (it was killed) kill the group."""
+        code = None
+        while line := self._next_report(1.0):
+            if line.startswith("exit "):
+                code = int(line.split()[1])
+        if code is not None:
+            return code
+        self.supervisor_lost = True
+        if self.server_pid is not None:
+            # Triton got SIGTERM through its parent-death signal; SIGKILL the group so no stub outlives it.
+            try:
+                os.killpg(self.server_pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            deadline = time.monotonic() + REAP_TIMEOUT_S
+            while group_members(self.server_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.remove_shm_regions()
+        return self.process.returncode
 
     def is_ready(self) -> bool:
         try:
@@ -287,15 +755,19 @@ class TritonProcess:
 
     def model_states(self) -> dict[str, str]:
         """{model name: state} from the repository index, e.g. {"segment": "READY"}."""
-        request = urllib.request.Request(self.http_url + "/v2/repository/index", data=b"{}", method="POST")
+        request = urllib.request.Request(self.http_url + "/v2/repository/index", data=b"{}", method="POST",
+                                         headers=self.admin_headers())
         with urllib.request.urlopen(request, timeout=5) as response:
             return {entry["name"]: entry.get("state", "") for entry in json.load(response)}
 
     def log_tail(self, lines: int = 20) -> str:
         return read_tail(self.log_path, lines) if self.log_path else ""
 
-    def stop(self, timeout: float = EXIT_TIMEOUT_S + KILL_GRACE_S) -> int | None:
-        """SIGTERM the server, SIGKILL its process group after ``timeout``, then remove what it left behind."""
+    def stop(self, timeout: float = EXIT_TIMEOUT_S + KILL_GRACE_S + SUPERVISOR_MARGIN_S) -> int | None:
+        """Ask the supervisor to stop the server (SIGTERM, SIGKILL after its grace); kill it after ``timeout``.
+
+        Returns the server's exit code. Afterwards tritonserver, its stubs and its shared memory are gone.
+        """
         code = None
         if self.process is not None:
             if self.process.poll() is None:
@@ -303,33 +775,23 @@ class TritonProcess:
                 try:
                     self.process.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    self._kill_group()
-            code = self.process.wait()
+                    self.process.kill()  # then poll() kills the group itself
+                    self.process.wait()
+            code = self.poll()
+            for pipe in (self.process.stdin, self.process.stdout):
+                if pipe is not None:
+                    pipe.close()
         self.remove_shm_regions()
         if self._runtime_dir is not None:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
             self._runtime_dir = None
         return code
 
-    def _kill_group(self) -> None:
-        # The whole group: a hung server's stubs would otherwise keep their shared memory mapped.
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     def shm_regions(self) -> list[Path]:
         return sorted(SHM_DIR.glob(self.shm_prefix + "*")) if SHM_DIR.is_dir() else []
 
     def remove_shm_regions(self) -> list[Path]:
-        removed = []
-        for region in self.shm_regions():
-            try:
-                region.unlink()
-                removed.append(region)
-            except FileNotFoundError:
-                pass
-        return removed
+        return remove_shm_regions(self.shm_prefix)
 
     def __enter__(self) -> "TritonProcess":
         self.start()
@@ -351,3 +813,7 @@ def start_server(
         server.stop()
         raise
     return server
+
+
+if __name__ == "__main__":
+    sys.exit(supervisor_main(sys.argv[1:]))

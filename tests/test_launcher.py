@@ -5,6 +5,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -193,13 +194,17 @@ def test_bad_request_errors_and_the_next_one_succeeds(ensemble_server):
 def test_sigterm_stops_cleanly_and_removes_shared_memory(tmp_path):
     repository = build_repository(tmp_path, ["alpha"])
     started = time.monotonic()
-    proc, grpc_url, _ = start_serve(repository, log_dir=tmp_path / "logs")
+    proc, grpc_url, http_url = start_serve(repository, log_dir=tmp_path / "logs")
     print(f"start-to-ready: {time.monotonic() - started:.2f} s")
     try:
         assert segment(grpc_url, np.zeros((1, 32, 32), np.int16), outputs=("labels",))[0].shape == (1, 32, 32)
         regions = list(SHM.glob(f"mixsup_serve_{proc.pid}_*"))
         assert regions, "the python backend should map shared memory with this launch's prefix"
         assert re.search(r"ready on grpc 127\.0\.0\.1:\d+, http 127\.0\.0\.1:\d+, 4 models", launcher_output(proc))
+        assert "APIs are closed" not in launcher_output(proc)  # loopback (the default) keeps them open
+        index = urllib.request.Request(http_url + "/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(index, timeout=10) as response:
+            assert response.status == 200
     finally:
         code = stop_serve(proc)
     assert code == 0, launcher_output(proc)

@@ -1,12 +1,14 @@
 """Helpers for tests that run the real Triton server through ``mixsup-serve``.
 
 ``start_serve(repository)`` launches ``python -m mixsup.serving.cli`` on free ports and waits until Triton is
-ready; ``stop_serve(proc)`` sends SIGTERM to that launcher by PID and returns its exit code. Also builds tiny
-per-pixel ONNX networks with ``onnx.helper`` (no torch) and their numpy reference.
+ready; ``stop_serve(proc)`` sends SIGTERM to that launcher by PID and returns its exit code. Process and port
+probes for the fault tests read /proc and ``ps`` themselves rather than trusting the launcher's helpers. Also
+builds tiny per-pixel ONNX networks with ``onnx.helper`` (no torch) and their numpy reference.
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -97,6 +99,53 @@ def stop_serve(proc: subprocess.Popen, timeout: float = 60.0) -> int:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode
+
+
+def launched_pids(proc: subprocess.Popen) -> tuple[int, int | None]:
+    """(tritonserver pid, supervisor pid or None) as the launcher printed them."""
+    match = re.search(r"\(pid (\d+)(?:, supervisor (\d+))?,", launcher_output(proc))
+    if not match:
+        raise AssertionError(f"no server pid in the launcher's output:\n{launcher_output(proc)}")
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
+
+
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (read from /proc, independently of the launcher's code)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    state = next((line.split()[1] for line in status.splitlines() if line.startswith("State:")), "")
+    return state not in ("Z", "X")
+
+
+def process_group(pgid: int) -> list[int]:
+    """Running members of process group ``pgid`` (tritonserver and its python-backend stubs), from ``ps``."""
+    rows = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,stat="], capture_output=True, text=True,
+                          check=True).stdout.split("\n")
+    return [int(pid) for pid, group, stat in (row.split() for row in rows if row.strip())
+            if int(group) == pgid and not stat.startswith("Z")]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now (SO_REUSEADDR, as servers bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+            return True
+        except OSError:
+            return False
 
 
 def _is_ready(http_url: str) -> bool:
