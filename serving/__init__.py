@@ -4,5 +4,7 @@
 - ``fuse``: weighted average of ensemble members -> labels;
 - ``runtime``: ONNX Runtime sessions and the execution-provider choice;
 - ``launcher`` / ``cli``: the ``mixsup-serve`` command that starts and stops Triton;
+- ``supervisor``: the process between the launcher and Triton that stops Triton when the launcher is gone;
+- ``processes``: /proc helpers and the ``/dev/shm`` regions named after their launcher;
 - ``triton``: the python-backend models that the repository's thin ``model.py`` files point to.
 """

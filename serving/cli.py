@@ -4,7 +4,7 @@ Exit codes: 0 stopped on request, 2 bad usage (e.g. no model repository), 3 a po
 not become ready, 1 the server stopped on its own or anything else.
 
 Triton never outlives this command: a supervisor process between the two stops it (and its python-backend
-stubs) when this command exits in any way, SIGKILL included (see mixsup.serving.launcher).
+stubs) when this command exits in any way, SIGKILL included (see mixsup.serving.supervisor).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Sequence
 
 import mixsup
 from mixsup.errors import EXIT_OK, InputError, MixsupError, add_debug_flag, run_command
-from mixsup.serving.launcher import RESTRICTED_APIS, ServerStartupError, TritonProcess, describe_exit
+from mixsup.serving.launcher import RESTRICTED_APIS, ServerStartupError, TritonProcess
+from mixsup.serving.processes import describe_exit
 
 PROG = "mixsup-serve"
 LOG_TAIL_LINES = 20

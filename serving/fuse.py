@@ -21,8 +21,9 @@ def fuse_probabilities(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted average of the members' [C,D,H,W] probabilities and its argmax.
 
-    Returns ``(labels uint8 [D,H,W], probabilities float16 [C,D,H,W])``; an empty volume gives empty outputs. The average and argmax are taken in
-    float32 so that fp16 members do not tie more often than their probabilities do.
+    Returns ``(labels uint8 [D,H,W], probabilities float16 [C,D,H,W])``; an empty volume gives empty outputs.
+    The average and argmax are taken in float32 so that fp16 members do not tie more often than their
+    probabilities do.
     """
     if len(member_probs) == 0:
         raise ValueError("no ensemble member probabilities to fuse")

@@ -1,4 +1,4 @@
-"""Starting, watching and stopping a Triton Inference Server for a model repository.
+"""Starting, waiting for and stopping a Triton Inference Server for a model repository: the launcher side.
 
 The server is a ``tritonserver`` on PATH (an NGC container) or the one bundled in the ``nvidia-pytriton``
 wheel. The bundled one needs some help to run our python-backend models (TRITON.md, measured):
@@ -10,30 +10,19 @@ wheel. The bundled one needs some help to run our python-backend models (TRITON.
 - it needs libpython on LD_LIBRARY_PATH, and without it the server hangs while loading, never ready and never
   failing, so readiness is polled with a deadline and the log tail is the diagnosis.
 
-A launch never leaves a server behind. The process tree is::
+Before anything starts:
 
-    launcher (TritonProcess)  --stdin pipe-->  supervisor (own session)  -->  tritonserver (own group)  -->  stubs
-
-- The **supervisor** (``python -m mixsup.serving.launcher --supervise``) reads a pipe whose only writer is the
-  launcher: end-of-file means the launcher is gone, however it died (SIGKILL included) and whichever of its
-  threads started the server. It also watches its parent pid as a second line of defence. It then stops Triton.
-- Triton gets ``PR_SET_PDEATHSIG`` (SIGTERM) tied to the supervisor, which is single-threaded, so the
-  parent-death signal cannot fire early because some thread exited. If the supervisor itself is killed, Triton
-  shuts down and the launcher, if alive, kills Triton's process group.
-- Triton runs in its own process group and its python-backend stubs inherit it. The supervisor is a child
-  subreaper, so stubs orphaned by Triton's death become its children: when Triton exits for any reason, it
-  SIGKILLs the group (stubs may ignore SIGTERM), reaps every orphan, and only then reports Triton's exit code.
-- Each launch uses its own python-backend shared-memory prefix that names the launcher's pid and start time,
-  so its ``/dev/shm`` regions are removed after the server stops, and a later launch removes the regions of
-  launchers that are gone (and only those).
 - Ports are checked before Triton starts, so a busy port is one clear error instead of a failed server.
 - Any address other than loopback closes Triton's restricted APIs (model control, shared memory, logging,
   trace) to everyone but this launcher.
+- The ``/dev/shm`` regions of launchers that are gone are swept (mixsup.serving.processes).
+
+A launch never leaves a server behind: :class:`TritonProcess` does not run tritonserver itself but starts a
+supervisor (mixsup.serving.supervisor, which says how) and holds the only write end of its stdin pipe. If the
+supervisor is killed, the launcher kills Triton's process group and removes its shared memory itself.
 """
 from __future__ import annotations
 
-import ctypes
-import dataclasses
 import errno
 import importlib.util
 import ipaddress
@@ -58,35 +47,35 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from mixsup.errors import InputError, ServerUnavailable
+from mixsup.serving.processes import (
+    SHM_DIR,
+    describe_exit,
+    group_members,
+    new_shm_prefix,
+    remove_shm_regions,
+    sweep_stale_shm_regions,
+)
+from mixsup.serving.supervisor import (
+    EXIT_TIMEOUT_S,
+    KILL_GRACE_S,
+    REAP_TIMEOUT_S,
+    SUPERVISOR_MODULE,
+    SupervisorSpec,
+)
 
 STUB_NAME = "triton_python_backend_stub"
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
-SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "mixsup_serve_"
+#: How often readiness is polled while the server starts.
 POLL_INTERVAL_S = 0.2
-#: How long Triton waits for in-flight requests on SIGTERM. Triton 2.51 never releases an ensemble request
-#: whose parallel step failed (measured), so shutdown after such a request always waits this long.
-EXIT_TIMEOUT_S = 15
-#: Grace beyond EXIT_TIMEOUT_S before the supervisor kills the server's process group.
-KILL_GRACE_S = 15.0
-#: Grace for Triton when the launcher is gone: nobody waits for this server any more, and a restart needs its
-#: ports, so in-flight requests get a few seconds, not EXIT_TIMEOUT_S (an idle server stops in 3-5 s).
-ORPHAN_GRACE_S = 5.0
 #: Extra time the launcher gives the supervisor (to reap stubs and remove shared memory) before killing it.
 SUPERVISOR_MARGIN_S = 10.0
 #: How long the supervisor may take to start Triton and report its pid (an interpreter start, on a busy host).
 SUPERVISOR_START_TIMEOUT_S = 60.0
-#: How long the supervisor waits for SIGKILLed processes to disappear (one stuck in the kernel takes a while).
-REAP_TIMEOUT_S = 10.0
 #: The header that opens Triton's restricted APIs; gRPC clients send it as ``triton-grpc-protocol-<name>``.
 ADMIN_HEADER = "mixsup-admin-key"
 #: APIs closed when listening beyond loopback: model control, shared-memory registration (it maps files of
 #: the server's host), log settings and trace settings. Inference, health, metadata and configs stay open.
 RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
-#: Linux prctl options (linux/prctl.h).
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
-
 
 class ServerStartupError(ServerUnavailable):
     """Triton died or never became ready; ``log_tail`` holds the end of its log, where the cause is."""
@@ -159,110 +148,6 @@ def server_environment(base: dict | None = None) -> dict[str, str]:
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH", "")]))
     return env
-
-
-# ------------------------------------------------------------------------------------------ processes (/proc)
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of ``/proc/<pid>/stat`` (state, ppid, pgrp, ...), or None if there is no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    # The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
-    return text.rsplit(")", 1)[1].split()
-
-
-def process_start_time(pid: int) -> int | None:
-    """When ``pid`` started, in clock ticks since boot (with the pid, it names one process for good)."""
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields else None
-
-
-def process_alive(pid: int, start_time: int | None = None) -> bool:
-    """Whether ``pid`` runs (zombies do not), and is the process that started at ``start_time`` if given."""
-    fields = _proc_stat(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return False
-    return start_time is None or int(fields[19]) == start_time
-
-
-def _processes(field: int, value: int) -> list[int]:
-    """Live processes whose stat field ``field`` (1 = ppid, 2 = process group) equals ``value``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _proc_stat(int(entry))
-            if fields and fields[0] not in ("Z", "X") and fields[field] == str(value):
-                found.append(int(entry))
-    return found
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``: Triton and its python-backend stubs."""
-    return _processes(2, pgid)
-
-
-def live_children(pid: int) -> list[int]:
-    """Live (not zombie) children of ``pid``."""
-    return _processes(1, pid)
-
-
-# ------------------------------------------------------------------------------------------ shared memory
-
-
-def new_shm_prefix(pid: int | None = None) -> str:
-    """A python-backend shared-memory prefix unique to one launch, naming its owner: pid, start time, random.
-
-    The start time tells a later launch whether the owner still runs even after its pid was reused.
-    """
-    pid = os.getpid() if pid is None else pid
-    return f"{SHM_PREFIX}{pid}_{process_start_time(pid) or 0}_{secrets.token_hex(4)}_"
-
-
-# Owner pid, then (since the start time was added) the owner's start time, which is followed by the 8 random
-# hex digits and '_'; regions of older launches carry only the pid.
-_SHM_OWNER = re.compile(rf"^{SHM_PREFIX}(\d+)_(?:(\d+)_(?=[0-9a-f]{{8}}_))?")
-
-
-def shm_owner(name: str) -> tuple[int, int | None] | None:
-    """(pid, start time or None) of the launcher that owns a ``/dev/shm`` region; None if not a mixsup one."""
-    match = _SHM_OWNER.match(name)
-    if not match:
-        return None
-    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
-
-
-def remove_shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> list[Path]:
-    """Remove the regions whose names start with ``prefix``; returns those removed."""
-    removed = []
-    for region in sorted(shm_dir.glob(prefix + "*")) if shm_dir.is_dir() else []:
-        try:
-            region.unlink()
-            removed.append(region)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def sweep_stale_shm_regions(shm_dir: Path = SHM_DIR) -> dict[Path, int]:
-    """Remove mixsup regions whose launcher is gone (e.g. SIGKILLed); those of running launchers stay.
-
-    Returns {removed region: its size in bytes}.
-    """
-    removed = {}
-    for region in sorted(shm_dir.iterdir()) if shm_dir.is_dir() else []:
-        owner = shm_owner(region.name)
-        if owner is None or process_alive(*owner):
-            continue
-        try:
-            size = region.stat().st_size
-            region.unlink()
-            removed[region] = size
-        except (FileNotFoundError, PermissionError):  # gone meanwhile, or another user's (sticky /dev/shm)
-            pass
-    return removed
 
 
 # ------------------------------------------------------------------------------------------ addresses and ports
@@ -356,16 +241,6 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def describe_exit(code: int | None) -> str:
-    """A process's exit status in words: "code 1", "SIGKILL"."""
-    if code is not None and code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    return f"code {code}"
-
-
 #: Triton log lines that look like errors but are expected on a CPU-only host.
 HARMLESS_ERRORS = ("CudaDriverHelper", "pinned", "NVML", "DCGM", "GPU metrics")
 _TRITON_ERROR = re.compile(r'^E\d{4} \S+ +\d+ \S+\] "?(.*?)"?$')
@@ -394,189 +269,7 @@ def first_error(path: Path) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------ the supervisor
-
-SUPERVISOR_MODULE = "mixsup.serving.launcher"
-_LIBC: ctypes.CDLL | None = None
-
-
-def _prctl(option: int, value: int) -> bool:
-    """Linux prctl(option, value); False where it is unavailable or fails."""
-    global _LIBC
-    if not sys.platform.startswith("linux"):
-        return False
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-    zero = ctypes.c_ulong(0)
-    return _LIBC.prctl(ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero) == 0
-
-
-@dataclasses.dataclass
-class SupervisorSpec:
-    """What the supervisor needs: the server command and what to clean up after it."""
-
-    command: list[str]
-    launcher_pid: int
-    shm_prefix: str
-    runtime_dir: str | None = None
-    #: SIGTERM -> SIGKILL grace when the launcher asks to stop.
-    stop_timeout: float = EXIT_TIMEOUT_S + KILL_GRACE_S
-    #: SIGTERM -> SIGKILL grace when the launcher is gone.
-    orphan_grace: float = ORPHAN_GRACE_S
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "SupervisorSpec":
-        return cls(**json.loads(text))
-
-
-def _say(message: str) -> None:
-    """A supervisor message, into the server log (the supervisor's stderr)."""
-    try:
-        print(f"mixsup-serve supervisor (pid {os.getpid()}): {message}", file=sys.stderr, flush=True)
-    except OSError:
-        pass
-
-
-def _report(line: str) -> None:
-    """One protocol line to the launcher; a launcher that is gone cannot read it, which is fine."""
-    try:
-        os.write(1, (line + "\n").encode())
-    except OSError:
-        pass
-
-
-def _server_child_setup(supervisor_pid: int) -> None:
-    """Runs in the forked child before exec of tritonserver (the supervisor is single-threaded: safe)."""
-    os.setpgid(0, 0)  # its own group, inherited by the stubs, so one killpg reaches them all
-    # SIGTERM, not SIGKILL: if the supervisor is killed, Triton still stops its stubs on the way out.
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != supervisor_pid:  # the supervisor died before the signal was armed
-        os._exit(1)
-
-
-def _has_exited(pid: int) -> bool:
-    """Whether our child ``pid`` has exited, without reaping it: its pid, hence its process group id, stays
-    reserved until it is reaped, so a later killpg cannot hit a stranger that reused the number."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-def _watch(pid: int, launcher_pid: int, stop_requested: list, lifeline: int = 0) -> str:
-    """Block until the server exits ("exited"), a stop is requested ("stop") or the launcher is gone."""
-    while True:
-        if stop_requested:
-            return "stop"
-        if _has_exited(pid):
-            return "exited"
-        # The launcher's pipe is the main signal; the parent pid also catches a launcher whose pipe lives on in
-        # a child it forked without exec.
-        if os.getppid() != launcher_pid:
-            return "launcher gone"
-        readable, _, _ = select.select([lifeline], [], [], POLL_INTERVAL_S)
-        if readable and not os.read(lifeline, 4096):
-            return "launcher gone"
-
-
-def _terminate(pid: int, grace: float) -> None:
-    """SIGTERM the server and give it ``grace`` seconds to exit (it stops its stubs and frees its memory)."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while not _has_exited(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-def _reap_orphans(pgid: int, timeout: float = REAP_TIMEOUT_S) -> list[int]:
-    """SIGKILL and reap what is left of the server's group; returns the pids still alive after ``timeout``.
-
-    As a child subreaper the supervisor inherits the stubs a dead Triton orphaned, so it can both kill them and
-    wait until they are really gone (not only signalled).
-    """
-    me = os.getpid()
-    deadline = time.monotonic() + timeout
-    while True:
-        while True:
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-        survivors = sorted(set(group_members(pgid)) | set(live_children(me)))
-        if not survivors or time.monotonic() >= deadline:
-            return survivors
-        for pid in live_children(me):  # surely ours; group members were SIGKILLed while the pgid was held
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-
-
-def supervise(spec: SupervisorSpec, lifeline: int = 0) -> int:
-    """Run tritonserver until it exits, the launcher asks to stop (SIGTERM) or the launcher is gone.
-
-    Reports ``pid N`` (or ``error MESSAGE``) and finally ``exit CODE`` (Popen's convention, negative for a
-    signal) on stdout, once the server, its stubs and its shared memory are all gone.
-    """
-    stop_requested: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, frame: stop_requested.append(number))
-    if not _prctl(PR_SET_CHILD_SUBREAPER, 1):
-        _say("not a child subreaper (not Linux?): stubs orphaned by a dead tritonserver are killed, not reaped")
-    me = os.getpid()
-    try:
-        server = subprocess.Popen(
-            spec.command, stdin=subprocess.DEVNULL, stdout=2, stderr=2,
-            preexec_fn=lambda: _server_child_setup(me),
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        _report(f"error cannot run {spec.command[0]}: {exc}")
-        _clean_up(spec)
-        return 1
-    _report(f"pid {server.pid}")
-    reason = _watch(server.pid, spec.launcher_pid, stop_requested, lifeline)
-    if reason == "stop":
-        _terminate(server.pid, spec.stop_timeout)
-    elif reason == "launcher gone":
-        _say(f"the launcher (pid {spec.launcher_pid}) is gone: stopping tritonserver (pid {server.pid})")
-        _terminate(server.pid, spec.orphan_grace)
-    try:
-        os.killpg(server.pid, signal.SIGKILL)  # whatever is left: a hung server, stubs that ignore SIGTERM
-    except (ProcessLookupError, PermissionError):
-        pass
-    code = server.wait()
-    survivors = _reap_orphans(server.pid)
-    if survivors:
-        _say(f"processes of tritonserver's group survived SIGKILL: {survivors}")
-    if reason == "exited":
-        _say(f"tritonserver (pid {server.pid}) exited on its own ({describe_exit(code)}); its stubs are gone")
-    _clean_up(spec)
-    _report(f"exit {code}")
-    return 0 if code == 0 else 1
-
-
-def _clean_up(spec: SupervisorSpec) -> None:
-    remove_shm_regions(spec.shm_prefix)
-    if spec.runtime_dir:
-        shutil.rmtree(spec.runtime_dir, ignore_errors=True)
-
-
-def supervisor_main(argv: Sequence[str]) -> int:
-    """``python -m mixsup.serving.launcher --supervise SPEC_JSON`` (started by TritonProcess, not by hand)."""
-    if len(argv) != 2 or argv[0] != "--supervise":
-        print(f"usage: python -m {SUPERVISOR_MODULE} --supervise SPEC_JSON", file=sys.stderr)
-        return 2
-    return supervise(SupervisorSpec.from_json(argv[1]))
-
-
-# ------------------------------------------------------------------------------------------ the launcher side
+# ------------------------------------------------------------------------------------------ the server process
 
 
 class TritonProcess:
@@ -674,7 +367,7 @@ class TritonProcess:
             # stdin is the lifeline: this process holds its only write end, so the supervisor sees end-of-file
             # when the launcher dies, however it dies. Python pipes are not inherited by other children.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", SUPERVISOR_MODULE, "--supervise", spec.to_json()],
+                [sys.executable, "-m", SUPERVISOR_MODULE, spec.to_json()],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                 env=server_environment(), start_new_session=True,
             )
@@ -814,6 +507,3 @@ def start_server(
         raise
     return server
 
-
-if __name__ == "__main__":
-    sys.exit(supervisor_main(sys.argv[1:]))

@@ -23,7 +23,7 @@ from triton_utils import (
 from mixsup.contract import ModelContract
 from mixsup.errors import ServerUnavailable
 from mixsup.repository import write_ensemble, write_network
-from mixsup.serving import cli, launcher
+from mixsup.serving import cli, launcher, processes
 from mixsup.serving.tiling import slice_stacks
 
 SHM = Path("/dev/shm")
@@ -68,7 +68,7 @@ def test_server_command(tmp_path):
 
 
 def test_shm_prefixes_are_unique_and_safe():
-    prefixes = {launcher.new_shm_prefix() for _ in range(20)}
+    prefixes = {processes.new_shm_prefix() for _ in range(20)}
     assert len(prefixes) == 20
     assert all(re.fullmatch(r"[A-Za-z0-9_]+", prefix) for prefix in prefixes)
 

@@ -13,6 +13,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -33,11 +34,11 @@ from triton_utils import (
     wait_for,
 )
 
-from mixsup.serving import launcher
+from mixsup.serving import launcher, processes, supervisor
 
 SHM = Path("/dev/shm")
 #: How long everything may take to disappear after the launcher is SIGKILLed: the supervisor's 5 s grace for
-#: Triton (launcher.ORPHAN_GRACE_S) plus slack for a 2-core host that is also training.
+#: Triton (supervisor.ORPHAN_GRACE_S) plus slack for a 2-core host that is also training.
 GONE_AFTER_LAUNCHER_KILL_S = 15.0
 
 
@@ -129,12 +130,12 @@ def dead_pid() -> int:
 
 
 def test_shm_prefix_names_its_owner():
-    prefix = launcher.new_shm_prefix()
+    prefix = processes.new_shm_prefix()
     me = (os.getpid(), start_time(os.getpid()))
-    assert launcher.shm_owner(prefix + "3a09861c-74b9-4c13-9262-72a108d459e3") == me
-    assert launcher.shm_owner("mixsup_serve_123_7b982494_3a09861c-74b9") == (123, None)  # before start times
-    assert launcher.shm_owner("mixsup_serve_123_12345678_3a09861c-74b9") == (123, None)  # all-digit random part
-    assert launcher.shm_owner("triton_python_backend_shm_region_1") is None
+    assert processes.shm_owner(prefix + "3a09861c-74b9-4c13-9262-72a108d459e3") == me
+    assert processes.shm_owner("mixsup_serve_123_7b982494_3a09861c-74b9") == (123, None)  # before start times
+    assert processes.shm_owner("mixsup_serve_123_12345678_3a09861c-74b9") == (123, None)  # all-digit random part
+    assert processes.shm_owner("triton_python_backend_shm_region_1") is None
 
 
 def test_stale_shm_regions_of_gone_launchers_are_swept_live_ones_kept():
@@ -154,7 +155,7 @@ def test_stale_shm_regions_of_gone_launchers_are_swept_live_ones_kept():
     try:
         for name in names.values():
             (SHM / name).write_bytes(b"x" * 1000)
-        removed = launcher.sweep_stale_shm_regions()
+        removed = processes.sweep_stale_shm_regions()
         left = {what for what, name in names.items() if (SHM / name).exists()}
         assert left == {"live", "live, older naming", "not mixsup's"}
         assert {SHM / names[what] for what in names if what not in left} <= set(removed)
@@ -207,6 +208,17 @@ def test_restricted_apis_only_beyond_loopback(tmp_path):
     assert f"--http-restricted-api={closed}" in command and f"--grpc-restricted-protocol={closed}" in command
     loopback = launcher.server_command(Path("/x/tritonserver"), tmp_path, "127.0.0.1", 1, 2, 3, "pre_")
     assert not [flag for flag in loopback if flag.startswith(("--http-restricted", "--grpc-restricted"))]
+
+
+def test_supervisor_depends_on_processes_only():
+    """The supervisor runs as its own module and loads none of the launcher's code (no cycle, a quick start)."""
+    code = ("import sys, mixsup.serving.supervisor\n"
+            "print(sorted(name for name in sys.modules if name.startswith('mixsup.serving.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.split() == ["['mixsup.serving.processes',", "'mixsup.serving.supervisor']"], loaded.stderr
+    usage = subprocess.run([sys.executable, "-m", supervisor.SUPERVISOR_MODULE], capture_output=True, text=True,
+                           timeout=60)
+    assert usage.returncode == 2 and "usage: python -m mixsup.serving.supervisor SPEC_JSON" in usage.stderr
 
 
 # ------------------------------------------------------------------------------------------ with a server

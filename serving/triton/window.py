@@ -54,7 +54,7 @@ class TritonPythonModel:
     async def predict(self, volume: np.ndarray) -> np.ndarray:
         if volume.ndim == 3 and 0 in volume.shape:
             # Empty in, empty out. An error here, in one of the ensemble's parallel steps, would leave Triton
-            # 2.51 counting the ensemble request as in flight forever (measured; see mixsup.serving.launcher).
+            # 2.51 counting the ensemble request as in flight forever (measured; see mixsup.serving.supervisor).
             return np.zeros((self.num_classes, *volume.shape), dtype=np.float16)
         accumulator = TileAccumulator(self.num_classes, volume.shape, self.roi_size, self.overlap, self.sigma_scale)
         in_flight: deque = deque()
