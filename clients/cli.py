@@ -1,9 +1,13 @@
 """``mixsup-client``: segment scans with a mixsup model served on Triton, check its health, score archives.
 
-* ``mixsup-client segment SCAN [-o OUT.nii.gz]`` -- SCAN is a NIfTI file or a DICOM series folder. The label map
-  (uint8: 0 background, 1 liver, 2 lesion) is written on the input's exact grid (same shape and affine), by
-  default beside the input as ``<stem>_seg.nii.gz``. An existing output is replaced atomically (the file is
-  complete or absent, never half-written); the input itself is never overwritten.
+* ``mixsup-client segment SCAN [-o OUT.nii.gz | -o OUT.dcm] [--series UID]`` -- SCAN is a NIfTI file or DICOM: a
+  series folder, a ``.zip`` of one, or a (multi-frame) DICOM file. When the DICOM input holds several series the
+  axial CT series with the most slices is taken and named in one line on stderr; ``--series`` picks another
+  (:mod:`mixsup.dicom` has the rule, and what happens to a gantry-tilted series). The label map (uint8:
+  0 background, 1 liver, 2 lesion) is written on the input's exact grid (same shape and affine), by default
+  beside the input as ``<stem>_seg.nii.gz``; an output ending in ``.dcm`` is a DICOM SEG referencing the source
+  images (DICOM input only). An existing output is replaced atomically (the file is complete or absent, never
+  half-written); the input itself is never overwritten.
 * ``mixsup-client health`` -- one line of readiness; exit 0 when the server and the model are ready, else 3.
 * ``mixsup-client batch INPUT -o OUT_DIR`` -- INPUT is a folder (its NIfTI files and DICOM series sub-folders) or
   a text file listing scans one per line. Every case is attempted; failures are reported and the run goes on,
@@ -54,6 +58,10 @@ from mixsup.scan import NIFTI_SUFFIXES, Scan, is_nifti, read_scan, write_nifti
 
 PROG = "mixsup-client"
 OUTPUT_SUFFIX = "_seg"
+#: Outputs with this suffix are written as a DICOM SEG (the default output stays NIfTI).
+DICOM_SEG_SUFFIX = ".dcm"
+#: Input suffixes dropped from a case's name (``series.zip`` -> ``series``); NIfTI suffixes are dropped as well.
+DICOM_INPUT_SUFFIXES = (".zip", ".dcm")
 SUMMARY_FILENAME = "summary.csv"
 SUMMARY_COLUMNS = ("case", "status", "liver_ml", "lesion_ml", "seconds", "error", "input", "output")
 
@@ -69,9 +77,9 @@ STATUS_SKIPPED = "skipped"
 
 
 def case_name(scan_path: Path) -> str:
-    """``x`` for ``x.nii`` / ``x.nii.gz``; the folder's name for a DICOM series folder."""
+    """``x`` for ``x.nii`` / ``x.nii.gz`` / ``x.zip`` / ``x.dcm``; the folder's name for a DICOM series folder."""
     name = scan_path.name
-    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(NIFTI_SUFFIXES + DICOM_INPUT_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -83,10 +91,16 @@ def default_output_path(scan_path: Path) -> Path:
     return scan_path.parent / f"{case_name(scan_path)}{OUTPUT_SUFFIX}.nii.gz"
 
 
-def check_output_path(output: Path, scan_path: Path, what: str = "output") -> None:
-    """Refuse an output that is not NIfTI, is a folder, or is the input scan itself."""
-    if not is_nifti(output):
-        raise InputError(f"{output}: the {what} must end in .nii or .nii.gz")
+def is_dicom_seg_path(path: Path) -> bool:
+    """Whether the label output ``path`` asks for a DICOM SEG (it ends in ``.dcm``)."""
+    return path.name.lower().endswith(DICOM_SEG_SUFFIX)
+
+
+def check_output_path(output: Path, scan_path: Path, what: str = "output", allow_dicom: bool = False) -> None:
+    """Refuse an output that is not NIfTI (or, with ``allow_dicom``, ``.dcm``), is a folder, or is the input."""
+    if not is_nifti(output) and not (allow_dicom and is_dicom_seg_path(output)):
+        endings = ".nii, .nii.gz or .dcm (DICOM SEG)" if allow_dicom else ".nii or .nii.gz"
+        raise InputError(f"{output}: the {what} must end in {endings}")
     if output.is_dir():
         raise InputError(f"{output}: the {what} is a folder")
     if output.exists() and scan_path.exists() and output.resolve() == scan_path.resolve():
@@ -117,7 +131,7 @@ def segment_file(
     scan: Scan | None = None,
 ) -> CaseResult:
     """Read ``scan_path`` (unless ``scan`` is it, already read), segment it, write the labels (and probabilities)
-    on the input's grid."""
+    on the input's grid: NIfTI, or a DICOM SEG on the source images when ``output`` ends in ``.dcm``."""
     start = time.perf_counter()
     if scan is None:
         scan = read_scan(scan_path)
@@ -127,7 +141,7 @@ def segment_file(
         labels, probabilities = client.segment_scan_with_probabilities(scan, postprocess=postprocess)
         # NIfTI keeps the three spatial axes first; classes go on the fourth axis.
         write_nifti(probabilities_output, np.moveaxis(probabilities, 0, -1), scan.affine)
-    write_nifti(output, labels, scan.affine)
+    write_labels(output, labels, scan, client.model)
     volumes = label_volumes_ml(labels, scan.affine, (ORGAN_LABEL, LESION_LABEL))
     return CaseResult(
         case=case_name(scan_path),
@@ -138,6 +152,15 @@ def segment_file(
         input=str(scan_path),
         output=str(output),
     )
+
+
+def write_labels(output: Path, labels: np.ndarray, scan: Scan, model: str = DEFAULT_MODEL) -> Path:
+    """Write ``labels`` (on ``scan``'s stored grid) as NIfTI, or as a DICOM SEG when ``output`` ends in ``.dcm``."""
+    if is_dicom_seg_path(output):
+        from mixsup.dicom import write_dicom_seg
+
+        return write_dicom_seg(output, labels, scan, algorithm_name=f"mixsup {model}")
+    return write_nifti(output, labels, scan.affine)
 
 
 def summary_line(result: CaseResult) -> str:
@@ -164,13 +187,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if not scan_path.exists():
         raise InputError(f"{scan_path}: no such file or folder")
     output = Path(args.output) if args.output else default_output_path(scan_path)
-    check_output_path(output, scan_path)
+    check_output_path(output, scan_path, allow_dicom=True)
     probabilities_output = Path(args.probabilities) if args.probabilities else None
     if probabilities_output is not None:
         check_output_path(probabilities_output, scan_path, "probabilities output")
         if probabilities_output.resolve() == output.resolve():
             raise InputError(f"{output}: labels and probabilities cannot go to the same file")
-    scan = read_scan(scan_path)  # a bad input exits 2 before the server is contacted
+    scan = read_scan(scan_path, args.series)  # a bad input exits 2 before the server is contacted
+    if scan.dicom is not None and scan.dicom.note:
+        print(f"{PROG}: {scan.dicom.note}", file=sys.stderr)
+    if is_dicom_seg_path(output):
+        from mixsup.dicom import check_seg_possible
+
+        check_seg_possible(scan, output)
     with _client(args) as client:
         client.ensure_ready()
         result = segment_file(client, scan_path, output, not args.no_postprocess, probabilities_output, scan)
@@ -405,8 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     server = _server_options()
 
     segment = commands.add_parser("segment", parents=[server], help="segment one scan (NIfTI file or DICOM folder)")
-    segment.add_argument("scan", metavar="SCAN", help="a .nii / .nii.gz file or a folder holding one DICOM series")
-    segment.add_argument("-o", "--output", help="label map to write (default: <stem>_seg.nii.gz beside SCAN)")
+    segment.add_argument(
+        "scan", metavar="SCAN", help="a .nii / .nii.gz file, or DICOM: a series folder, a .zip of one, or a file"
+    )
+    segment.add_argument(
+        "-o", "--output",
+        help="label map to write: .nii / .nii.gz, or .dcm for a DICOM SEG (DICOM input only; default: "
+        "<stem>_seg.nii.gz beside SCAN)",
+    )
+    segment.add_argument(
+        "--series", metavar="UID", help="SeriesInstanceUID to segment when the DICOM input holds several series"
+    )
     segment.add_argument("--no-postprocess", action="store_true", help="write the server's raw argmax labels")
     segment.add_argument(
         "--probabilities", metavar="OUT_PROB.nii.gz", help="also write the class probabilities (float32, [X,Y,Z,C])"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +24,9 @@ from nibabel import orientations
 
 from mixsup.errors import InputError
 from mixsup.files import atomic_path
+
+if TYPE_CHECKING:
+    from mixsup.dicom import DicomSource
 
 #: Axis codes of the canonical array *before* the final transpose: i -> Left, j -> Posterior, k -> Superior.
 CANONICAL_AXCODES = ("L", "P", "S")
@@ -37,6 +41,9 @@ class Scan:
     voxels: np.ndarray
     affine: np.ndarray
     source: str = ""
+    #: The DICOM series the scan was read from (headers, slice order, tilt shifts), for writing a DICOM SEG;
+    #: None for NIfTI input.
+    dicom: "DicomSource | None" = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -115,17 +122,30 @@ def read_nifti(path: str | os.PathLike) -> Scan:
     return Scan(voxels=voxels, affine=affine, source=str(path))
 
 
-def read_scan(path: str | os.PathLike) -> Scan:
-    """Read a NIfTI file or a folder holding one DICOM series."""
-    path = Path(path)
-    if path.is_dir():
-        from mixsup.dicom import read_dicom_series
+def is_dicom_input(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is read as DICOM: a folder, a zip archive, or a DICOM file (``.dcm`` or the preamble)."""
+    from mixsup.dicom import is_dicom_file, is_zip_file
 
-        return read_dicom_series(path)
+    path = Path(path)
+    return path.is_dir() or is_zip_file(path) or is_dicom_file(path)
+
+
+def read_scan(path: str | os.PathLike, series_uid: str | None = None) -> Scan:
+    """Read a NIfTI file, or one CT series from a DICOM folder, zip archive or file (see :mod:`mixsup.dicom`).
+
+    ``series_uid`` picks the DICOM series when the input holds several; it is bad input for NIfTI.
+    """
+    path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    if not is_nifti(path) and is_dicom_input(path):
+        from mixsup.dicom import read_dicom
+
+        return read_dicom(path, series_uid)
     if not is_nifti(path):
-        raise InputError(f"{path}: expected a .nii / .nii.gz file or a DICOM series folder")
+        raise InputError(f"{path}: expected a .nii / .nii.gz file, or DICOM: a file, a series folder or a .zip")
+    if series_uid is not None:
+        raise InputError(f"{path}: --series picks a DICOM series; the input is NIfTI")
     return read_nifti(path)
 
 

@@ -305,6 +305,31 @@ def test_segment_a_dicom_folder(tmp_path, capsys, real_triton):
 
 
 @pytest.mark.triton
+def test_segment_a_compressed_dicom_series_into_a_dicom_seg(tmp_path, capsys, real_triton):
+    import highdicom
+    from dicom_phantoms import write_series
+    from pydicom.uid import JPEG2000Lossless
+
+    series = tmp_path / "series8"
+    plane = np.zeros((20, 16), np.int16)
+    plane[3:17, 2:14] = 100
+    plane[6:10, 5:9] = 200
+    plane = np.pad(plane, ((10, 10), (10, 10)))  # JPEG 2000's default 6 resolutions need 32+ pixels a side
+    write_series(series, np.repeat(plane[None], 4, axis=0), JPEG2000Lossless, spacing=SPACING)
+    output = tmp_path / "labels.dcm"
+    code, out, err = run_cli(capsys, "segment", series, "-o", output, "--url", real_triton)
+    assert code == 0, err
+    assert str(output) in out
+    scan = read_scan(series)
+    expected = expected_labels(scan.voxels)
+    assert np.count_nonzero(expected == 2) == 4 * 4 * 4
+    seg = highdicom.seg.segread(output)
+    masks = seg.get_pixels_by_source_instance([frame.sop_instance_uid for frame in scan.dicom.frames], [1, 2])
+    assert np.array_equal(masks[..., 0], np.isin(expected, (1, 2)).transpose(2, 1, 0))
+    assert np.array_equal(masks[..., 1], (expected == 2).transpose(2, 1, 0))
+
+
+@pytest.mark.triton
 def test_health_of_a_ready_server(capsys, real_triton):
     code, out, _ = run_cli(capsys, "health", "--url", real_triton)
     assert code == 0 and "model 'segment' ready" in out and "versions 1" in out
