@@ -41,6 +41,8 @@ from mixsup.clients.client import (
     ORGAN_LABEL,
     SegmentationClient,
 )
+from mixsup.dicom import dicom_source
+from mixsup.dicom_seg import check_seg_possible, write_dicom_seg
 from mixsup.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -54,7 +56,8 @@ from mixsup.errors import (
 )
 from mixsup.files import atomic_path
 from mixsup.metrics import label_volumes_ml
-from mixsup.scan import NIFTI_SUFFIXES, Scan, is_nifti, read_scan, write_nifti
+from mixsup.readers import read_scan
+from mixsup.scan import NIFTI_SUFFIXES, Scan, is_nifti, write_nifti
 
 PROG = "mixsup-client"
 OUTPUT_SUFFIX = "_seg"
@@ -157,8 +160,6 @@ def segment_file(
 def write_labels(output: Path, labels: np.ndarray, scan: Scan, model: str = DEFAULT_MODEL) -> Path:
     """Write ``labels`` (on ``scan``'s stored grid) as NIfTI, or as a DICOM SEG when ``output`` ends in ``.dcm``."""
     if is_dicom_seg_path(output):
-        from mixsup.dicom import write_dicom_seg
-
         return write_dicom_seg(output, labels, scan, algorithm_name=f"mixsup {model}")
     return write_nifti(output, labels, scan.affine)
 
@@ -194,11 +195,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if probabilities_output.resolve() == output.resolve():
             raise InputError(f"{output}: labels and probabilities cannot go to the same file")
     scan = read_scan(scan_path, args.series)  # a bad input exits 2 before the server is contacted
-    if scan.dicom is not None and scan.dicom.note:
-        print(f"{PROG}: {scan.dicom.note}", file=sys.stderr)
+    source = dicom_source(scan)
+    if source is not None and source.note:
+        print(f"{PROG}: {source.note}", file=sys.stderr)
     if is_dicom_seg_path(output):
-        from mixsup.dicom import check_seg_possible
-
         check_seg_possible(scan, output)
     with _client(args) as client:
         client.ensure_ready()

@@ -1,4 +1,4 @@
-"""A CT scan as voxels + affine, its reading and writing, and the canonical axial order models see.
+"""A CT scan as voxels + affine, NIfTI reading and writing, and the canonical axial order models see.
 
 Voxel arrays are kept exactly as stored in the file (NIfTI index order ``[i, j, k]``) together with the
 voxel-to-world affine (RAS+ millimetres, as nibabel reports it). Models never see that order: they see the
@@ -10,13 +10,15 @@ voxel-to-world affine (RAS+ millimetres, as nibabel reports it). Models never se
 
 :meth:`Scan.canonical` brings any orthogonal orientation into that order and :meth:`Scan.from_canonical` maps
 an array on the canonical grid back to the file's exact voxel order, so a label map lands on the input grid.
+
+Reading any input, DICOM included, is :func:`mixsup.readers.read_scan`. This module knows no other format's
+reader: the readers import :class:`Scan`, so importing them here would make a cycle.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -24,9 +26,6 @@ from nibabel import orientations
 
 from mixsup.errors import InputError
 from mixsup.files import atomic_path
-
-if TYPE_CHECKING:
-    from mixsup.dicom import DicomSource
 
 #: Axis codes of the canonical array *before* the final transpose: i -> Left, j -> Posterior, k -> Superior.
 CANONICAL_AXCODES = ("L", "P", "S")
@@ -36,14 +35,17 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 @dataclass
 class Scan:
-    """Voxels as stored (``[i, j, k]``), their voxel-to-RAS affine and, for DICOM, where they came from."""
+    """Voxels as stored (``[i, j, k]``), their voxel-to-RAS affine, the input's name and, for DICOM, the reader's
+    record of the source series."""
 
     voxels: np.ndarray
     affine: np.ndarray
     source: str = ""
-    #: The DICOM series the scan was read from (headers, slice order, tilt shifts), for writing a DICOM SEG;
-    #: None for NIfTI input.
-    dicom: "DicomSource | None" = None
+    #: The reader's record of the input beyond its voxels, for writing results back onto it: a
+    #: :class:`mixsup.dicom.DicomSource` for DICOM (headers, slice order, tilt shifts; read it typed with
+    #: :func:`mixsup.dicom.dicom_source`), None for NIfTI. Typed ``object`` because naming the DICOM type here
+    #: would make this module import :mod:`mixsup.dicom`, which imports this one.
+    source_record: object | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -98,6 +100,7 @@ def to_int16_hu(volume: np.ndarray) -> np.ndarray:
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a NIfTI file, by its suffix (``.nii`` or ``.nii.gz``, any case)."""
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
@@ -120,33 +123,6 @@ def read_nifti(path: str | os.PathLike) -> Scan:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(f"{path}: the NIfTI header has no usable affine")
     return Scan(voxels=voxels, affine=affine, source=str(path))
-
-
-def is_dicom_input(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is read as DICOM: a folder, a zip archive, or a DICOM file (``.dcm`` or the preamble)."""
-    from mixsup.dicom import is_dicom_file, is_zip_file
-
-    path = Path(path)
-    return path.is_dir() or is_zip_file(path) or is_dicom_file(path)
-
-
-def read_scan(path: str | os.PathLike, series_uid: str | None = None) -> Scan:
-    """Read a NIfTI file, or one CT series from a DICOM folder, zip archive or file (see :mod:`mixsup.dicom`).
-
-    ``series_uid`` picks the DICOM series when the input holds several; it is bad input for NIfTI.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    if not is_nifti(path) and is_dicom_input(path):
-        from mixsup.dicom import read_dicom
-
-        return read_dicom(path, series_uid)
-    if not is_nifti(path):
-        raise InputError(f"{path}: expected a .nii / .nii.gz file, or DICOM: a file, a series folder or a .zip")
-    if series_uid is not None:
-        raise InputError(f"{path}: --series picks a DICOM series; the input is NIfTI")
-    return read_nifti(path)
 
 
 def write_nifti(path: str | os.PathLike, voxels: np.ndarray, affine: np.ndarray) -> Path:

@@ -21,7 +21,7 @@ from mixsup.clients.client import SegmentationClient, normalize_url
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError, ServerUnavailable
 from mixsup.postprocess import postprocess_labels
-from mixsup.scan import read_scan
+from mixsup.readers import read_scan
 
 SPACING = (1.0, 1.0)
 #: The tiny network: a 1x1 convolution over the 3 context slices (weights [class, slice]) and a softmax. Only the
@@ -324,7 +324,7 @@ def test_segment_a_compressed_dicom_series_into_a_dicom_seg(tmp_path, capsys, re
     expected = expected_labels(scan.voxels)
     assert np.count_nonzero(expected == 2) == 4 * 4 * 4
     seg = highdicom.seg.segread(output)
-    masks = seg.get_pixels_by_source_instance([frame.sop_instance_uid for frame in scan.dicom.frames], [1, 2])
+    masks = seg.get_pixels_by_source_instance([frame.sop_instance_uid for frame in scan.source_record.frames], [1, 2])
     assert np.array_equal(masks[..., 0], np.isin(expected, (1, 2)).transpose(2, 1, 0))
     assert np.array_equal(masks[..., 1], (expected == 2).transpose(2, 1, 0))
 

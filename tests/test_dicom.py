@@ -1,5 +1,5 @@
-"""DICOM input and output (mixsup.dicom): transfer syntaxes, enhanced multi-frame CT, series choice, zip archives,
-gantry tilt, non-CT refusal, and the DICOM SEG written back on the source images."""
+"""DICOM input and output (mixsup.dicom, mixsup.dicom_seg): transfer syntaxes, enhanced multi-frame CT, series
+choice, zip archives, gantry tilt, non-CT refusal, and the DICOM SEG written back on the source images."""
 from __future__ import annotations
 
 import copy
@@ -47,9 +47,10 @@ from pydicom.uid import (
 )
 
 from mixsup.clients.cli import default_output_path, main, segment_file
-from mixsup.dicom import write_dicom_seg
+from mixsup.dicom_seg import write_dicom_seg
 from mixsup.errors import InputError
-from mixsup.scan import Scan, read_scan
+from mixsup.readers import read_scan
+from mixsup.scan import Scan
 
 ROOT = Path(__file__).resolve().parents[1]
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -213,7 +214,7 @@ def test_enhanced_multiframe_ct_reads_onto_the_grid_of_its_slices(tmp_path, synt
     heights = [float(groups.PlanePositionSequence[0].ImagePositionPatient[2]) for groups in per_frame]
     slice_to_frame = [int(i) for i in np.argsort(heights)]
     assert slice_to_frame not in ([0, 1, 2, 3], [3, 2, 1, 0])  # the frames really are out of order
-    assert [frame.frame_index for frame in scan.dicom.frames] == slice_to_frame
+    assert [frame.frame_index for frame in scan.source_record.frames] == slice_to_frame
 
 
 def tilted_series(folder: Path, slices: int = 4):
@@ -249,7 +250,7 @@ def test_gantry_tilt_is_resampled_onto_an_orthogonal_grid(tmp_path):
     axes = affine_lps[:3, :3]
     assert abs(axes[:, 0] @ axes[:, 2]) < 1e-9 and abs(axes[:, 1] @ axes[:, 2]) < 1e-9  # not sheared
     assert np.linalg.norm(axes[:, 2]) == pytest.approx(thickness * np.cos(tilt))
-    assert scan.dicom.tilted
+    assert scan.source_record.tilted
     ii, jj = np.meshgrid(np.arange(36), np.arange(40), indexing="ij")
     for k in range(len(datasets)):
         world = affine_lps[:3, :3] @ np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k)]) + affine_lps[:3, 3:4]
@@ -317,9 +318,9 @@ def several_series(folder: Path) -> dict:
 def test_the_axial_ct_series_with_the_most_slices_is_chosen_and_said_without_phi(tmp_path):
     uids = several_series(tmp_path / "study")
     scan = read_scan(tmp_path / "study")  # the broken series is never decoded
-    assert scan.dicom.series_uid == uids["axial"]
+    assert scan.source_record.series_uid == uids["axial"]
     assert scan.voxels.shape == (36, 40, 5)
-    note = scan.dicom.note
+    note = scan.source_record.note
     assert "\n" not in note and "chose series 3" in note and uids["axial"] in note and "--series" in note
     assert "Doe" not in note and PATIENT_ID not in note
 
@@ -327,8 +328,8 @@ def test_the_axial_ct_series_with_the_most_slices_is_chosen_and_said_without_phi
 def test_series_flag_picks_another_series(tmp_path):
     uids = several_series(tmp_path / "study")
     coronal = read_scan(tmp_path / "study", series_uid=uids["coronal"])
-    assert coronal.dicom.series_uid == uids["coronal"] and coronal.voxels.shape == (36, 40, 8)
-    assert coronal.dicom.note == ""
+    assert coronal.source_record.series_uid == uids["coronal"] and coronal.voxels.shape == (36, 40, 8)
+    assert coronal.source_record.note == ""
     with pytest.raises(InputError, match="not CT"):
         read_scan(tmp_path / "study", series_uid=uids["mr"])
     with pytest.raises(InputError, match="cannot decode"):
@@ -417,7 +418,7 @@ def check_seg(seg_path: Path, scan: Scan, labels: np.ndarray, source_series: str
     assert all(value not in text for value in OPTIONAL_PHI.values() if not value.isdigit())
     masks = seg_masks_by_source(seg)
     zeros = np.zeros((seg.Rows, seg.Columns), bool)
-    for k, frame in enumerate(scan.dicom.frames):
+    for k, frame in enumerate(scan.source_record.frames):
         assert frame.frame_index is None  # single-frame sources: one source instance per slice
         plane = labels[:, :, k].T  # scan [i (columns), j (rows)] -> image [rows, columns]
         # Empty frames are left out of a SEG: a missing frame is an empty mask.
@@ -439,7 +440,7 @@ def test_seg_of_a_classic_series_overlays_its_slices(tmp_path):
         source = groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         assert groups.PlanePositionSequence[0].ImagePositionPatient == pytest.approx(positions[source])
     # highdicom reads the same masks back by source instance.
-    uids = [frame.sop_instance_uid for frame in scan.dicom.frames]
+    uids = [frame.sop_instance_uid for frame in scan.source_record.frames]
     by_instance = highdicom.seg.segread(tmp_path / "out.dcm").get_pixels_by_source_instance(uids, [1, 2])
     assert np.array_equal(by_instance[..., 0], np.isin(labels, (1, 2)).transpose(2, 1, 0))
     assert np.array_equal(by_instance[..., 1], (labels == 2).transpose(2, 1, 0))
@@ -456,7 +457,7 @@ def test_seg_of_an_enhanced_ct_references_its_frames(tmp_path):
     write_dicom_seg(tmp_path / "seg.dcm", labels, scan)
     seg = highdicom.seg.segread(tmp_path / "seg.dcm")
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == enhanced.SeriesInstanceUID
-    frame_numbers = [frame.frame_index + 1 for frame in scan.dicom.frames]  # slice k -> source frame number
+    frame_numbers = [frame.frame_index + 1 for frame in scan.source_record.frames]  # slice k -> source frame number
     pixels = seg.get_pixels_by_source_frame(enhanced.SOPInstanceUID, frame_numbers, segment_numbers=[1, 2])
     assert np.array_equal(pixels[..., 0], np.isin(labels, (1, 2)).transpose(2, 1, 0))
     assert np.array_equal(pixels[..., 1], (labels == 2).transpose(2, 1, 0))
@@ -502,7 +503,7 @@ def test_reading_dicom_and_writing_a_seg_do_not_import_torch(tmp_path):
 
     write_series(tmp_path / "s", hu_volume())
     code = (
-        "import sys, numpy as np; from mixsup.scan import read_scan; from mixsup.dicom import write_dicom_seg; "
+        "import sys, numpy as np; from mixsup.readers import read_scan; from mixsup.dicom_seg import write_dicom_seg; "
         "scan = read_scan(sys.argv[1]); write_dicom_seg(sys.argv[2], np.ones(scan.voxels.shape, np.uint8), scan); "
         "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     )

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mixsup.errors import InputError
-from mixsup.scan import Scan, read_nifti, read_scan, write_nifti
+from mixsup.readers import read_scan
+from mixsup.scan import Scan, read_nifti, write_nifti
 
 
 def oriented_affine(axcodes: tuple[str, str, str], spacing=(0.7, 0.9, 2.5), origin=(10.0, -20.0, 30.0)) -> np.ndarray:
