@@ -6,4 +6,4 @@ work=${1:-runs/default-model}
 [ -f "$work/data/manifest.json" ] || mixsup-data phantoms "$work/data" --n 80 --seed 1 --shape 48 256 256
 mixsup-train unet --data "$work/data" --out "$work/run" --preset default --no-progress \
     --set validation_cases=4
-mixsup-export "$work/run/best.pt" --repository model_repository --name unet
+mixsup-export "$work/run/best.pt" --repository model_repository --name unet --replace

@@ -1,5 +1,6 @@
 """Writing Triton model-repository entries (mixsup.repository); configs are parsed with Triton's own schema."""
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,7 +11,21 @@ from tritonclient.grpc import model_config_pb2
 
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError
-from mixsup.repository import list_networks, write_ensemble, write_network
+from mixsup.repository import (
+    LIBTORCH,
+    ONNXRUNTIME,
+    PYTHON,
+    RUNTIMES,
+    TENSORRT_PLAN,
+    ShapeProfile,
+    TensorRTAccelerator,
+    list_networks,
+    write_ensemble,
+    write_network,
+)
+
+COMMITTED = Path(__file__).resolve().parents[1] / "model_repository"
+KIND = model_config_pb2.ModelInstanceGroup.Kind.Value
 
 FP32, FP16, INT16, UINT8 = (model_config_pb2.DataType.Value(t) for t in ("TYPE_FP32", "TYPE_FP16", "TYPE_INT16",
                                                                          "TYPE_UINT8"))
@@ -177,3 +192,113 @@ def test_repository_survives_version_control(tmp_path, onnx_file, contract):
             target.write_bytes(path.read_bytes())
     for model in ["a", "a_window", "fuse", "segment"]:
         assert (shipped / model / "1").is_dir(), model
+
+
+# ---------------------------------------------------------------------------------------------- config kinds
+
+
+@pytest.fixture
+def model_files(tmp_path, onnx_file):
+    """A network file per runtime. Plan and TorchScript files are opaque bytes: only their configs are checked
+    here (neither backend is in the bundled server)."""
+    plan, torchscript = tmp_path / "net.plan", tmp_path / "net.pt"
+    plan.write_bytes(b"serialized engine")
+    torchscript.write_bytes(b"torchscript archive")
+    return {PYTHON: onnx_file, ONNXRUNTIME: onnx_file, TENSORRT_PLAN: plan, LIBTORCH: torchscript}
+
+
+def write_every_kind(repo, model_files, contract):
+    """One network per runtime, one with the TensorRT accelerator, and the ensemble over all of them."""
+    for runtime in RUNTIMES:
+        write_network(repo, runtime, model_files[runtime], contract, runtime=runtime)
+    accelerator = TensorRTAccelerator(precision="fp16", max_workspace_size_bytes=1 << 28,
+                                      engine_cache_path="/cache/ort_trt",
+                                      profile=ShapeProfile(batch=(1, 4, 8), side=(32, 48, 512)))
+    write_network(repo, "ort_trt", model_files[ONNXRUNTIME], contract, runtime=ONNXRUNTIME, accelerator=accelerator)
+    write_ensemble(repo)
+
+
+def test_every_written_config_parses_back_as_written_by_protobuf(tmp_path, model_files, contract):
+    write_every_kind(tmp_path, model_files, contract)
+    configs = sorted(tmp_path.rglob("config.pbtxt"))
+    assert len(configs) == 2 * (len(RUNTIMES) + 1) + 2  # networks, their windows, fuse, segment
+    for path in configs:
+        text = path.read_text(encoding="utf-8")
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert config.name == path.parent.name
+        # Byte for byte what protobuf's own text writer makes of the parsed message: no hand-made template.
+        assert text == text_format.MessageToString(config, as_utf8=True)
+
+
+def test_native_runtime_configs(tmp_path, model_files, contract):
+    write_every_kind(tmp_path, model_files, contract)
+    expected = {ONNXRUNTIME: ("onnxruntime_onnx", "model.onnx", "KIND_AUTO"),
+                TENSORRT_PLAN: ("tensorrt_plan", "model.plan", "KIND_GPU"),
+                LIBTORCH: ("pytorch_libtorch", "model.pt", "KIND_AUTO"),
+                "ort_trt": ("onnxruntime_onnx", "model.onnx", "KIND_GPU")}
+    for name, (platform, filename, kind) in expected.items():
+        config = read_config(tmp_path / name / "config.pbtxt")
+        assert (config.platform, config.backend, config.max_batch_size) == (platform, "", 16)
+        assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("input", FP32, [3, -1, -1])]
+        assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("probabilities", FP32, [3, -1, -1])]
+        assert config.instance_group[0].kind == KIND(kind) and config.HasField("dynamic_batching")
+        version = tmp_path / name / "1"
+        assert sorted(p.name for p in version.iterdir()) == sorted(["contract.json", filename])  # no model.py
+        assert (version / filename).read_bytes() == model_files[ONNXRUNTIME if name == "ort_trt" else name].read_bytes()
+        assert not config.optimization.execution_accelerators.gpu_execution_accelerator or name == "ort_trt"
+    # the window step calls every runtime the same way
+    assert parameters(read_config(tmp_path / "pytorch_libtorch_window" / "config.pbtxt"))["NETWORK"] == LIBTORCH
+
+
+def test_tensorrt_accelerator_parameters(tmp_path, model_files, contract):
+    write_every_kind(tmp_path, model_files, contract)
+    config = read_config(tmp_path / "ort_trt" / "config.pbtxt")
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    assert dict(accelerator.parameters) == {
+        "precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 28),
+        "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/cache/ort_trt",
+        "trt_profile_min_shapes": "input:1x3x32x32", "trt_profile_opt_shapes": "input:4x3x48x48",
+        "trt_profile_max_shapes": "input:8x3x512x512"}
+
+
+def test_bad_runtime_options(tmp_path, onnx_file, contract):
+    with pytest.raises(InputError, match="unknown network runtime"):
+        write_network(tmp_path, "a", onnx_file, contract, runtime="tensorflow")
+    with pytest.raises(InputError, match="accelerator"):
+        write_network(tmp_path, "a", onnx_file, contract, runtime=PYTHON, accelerator=TensorRTAccelerator())
+    with pytest.raises(InputError, match="precision"):
+        write_network(tmp_path, "a", onnx_file, contract, runtime=ONNXRUNTIME,
+                      accelerator=TensorRTAccelerator(precision="int4"))
+    with pytest.raises(InputError, match="no such TorchScript"):
+        write_network(tmp_path, "a", tmp_path / "missing.pt", contract, runtime=LIBTORCH)
+    assert not (tmp_path / "a").exists()
+
+
+def test_taken_name_needs_replace(tmp_path, onnx_file, model_files, contract):
+    write_network(tmp_path, "a", onnx_file, contract)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(InputError, match="already exists.*--replace"):
+        write_network(tmp_path, "a", model_files[LIBTORCH], contract, runtime=LIBTORCH)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    write_network(tmp_path, "a", model_files[LIBTORCH], contract, runtime=LIBTORCH, replace=True)
+    # the python runtime's files are gone, not left beside the new model
+    assert sorted(p.name for p in (tmp_path / "a" / "1").iterdir()) == ["contract.json", "model.pt"]
+    assert read_config(tmp_path / "a" / "config.pbtxt").platform == "pytorch_libtorch"
+
+
+def test_replace_leaves_foreign_folders_alone(tmp_path, onnx_file, contract):
+    (tmp_path / "a" / "1").mkdir(parents=True)
+    (tmp_path / "a" / "1" / "keep.txt").write_text("not written by mixsup")
+    with pytest.raises(InputError, match="not a network entry"):
+        write_network(tmp_path, "a", onnx_file, contract, replace=True)
+    assert (tmp_path / "a" / "1" / "keep.txt").is_file()
+
+
+def test_committed_repository_is_what_the_writer_writes(tmp_path):
+    """Regenerating model_repository/ from its own model and contract changes no config's meaning."""
+    bundled = COMMITTED / "unet" / "1"
+    write_network(tmp_path, "unet", bundled / "model.onnx", ModelContract.load(bundled))
+    write_ensemble(tmp_path)
+    for model in ["unet", "unet_window", "fuse", "segment"]:
+        assert read_config(COMMITTED / model / "config.pbtxt") == read_config(tmp_path / model / "config.pbtxt"), model
