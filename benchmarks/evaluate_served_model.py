@@ -5,13 +5,15 @@ command (a fresh process per scan, as a user runs it), and reports:
 
 * server start-to-ready seconds;
 * global and per-case Dice (liver as LiTS counts it: liver ∪ lesion; lesion) against the phantoms' labels,
-  for phantoms of the project's generator (seeds never used in training) and of the independent generator in
-  ``benchmarks/foreign_phantoms.py``;
+  for phantoms of the project's generator (classic style, seeds never used in training), of the foreign generator
+  in ``benchmarks/foreign_phantoms.py`` and of the independent evaluation generator in
+  ``benchmarks/independent_phantoms.py`` (never trained or tuned on);
 * end-to-end seconds of ``mixsup-client segment`` for a 256x256x40 and a 512x512x100 scan, side by side with
   a peer that does the same work in one process with no server (read, pre-process, ONNX Runtime sliding
   window with the same tiles and blending, post-process, write), and their ratio: what serving costs.
 
-Usage: python benchmarks/evaluate_served_model.py [--repository model_repository] [--cases 6] [--out FILE.json]
+Usage: python benchmarks/evaluate_served_model.py [--repository model_repository] [--cases 10] [--out FILE.json]
+       [--no-timing]
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -29,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from foreign_phantoms import make_foreign_case  # noqa: E402
+from independent_phantoms import make_case as make_independent_case  # noqa: E402
 from triton_utils import start_serve, stop_serve  # noqa: E402
 
 from mixsup.metrics import GlobalDice, dice  # noqa: E402
@@ -74,7 +78,7 @@ def segment_in_process(scan_path: Path, out: Path, network_dir: Path) -> float:
     from mixsup.clients.pipeline import prepare_volume, restore_labels
     from mixsup.contract import ModelContract
     from mixsup.postprocess import postprocess_labels
-    from mixsup.scan import read_scan
+    from mixsup.readers import read_scan
     from mixsup.serving.fuse import fuse_probabilities
     from mixsup.serving.runtime import create_session
     from mixsup.serving.tiling import sliding_window_predict
@@ -99,11 +103,14 @@ def own_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int, int
     return [(folder / f"volume-{i}.nii.gz", folder / f"segmentation-{i}.nii.gz") for i in range(count)]
 
 
-def foreign_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int, int]) -> list[tuple[Path, Path]]:
+def generated_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int, int],
+                       make_case: Callable[[int, tuple[int, int, int]], tuple[np.ndarray, np.ndarray, np.ndarray]]
+                       ) -> list[tuple[Path, Path]]:
+    """``count`` cases of a benchmark generator (``make_case(seed, shape) -> (HU, labels, affine)``) as NIfTI pairs."""
     folder.mkdir(parents=True, exist_ok=True)
     cases = []
     for index in range(count):
-        volume, labels, affine = make_foreign_case(seed + index, shape)
+        volume, labels, affine = make_case(seed + index, shape)
         pair = (folder / f"volume-{index}.nii.gz", folder / f"segmentation-{index}.nii.gz")
         write_nifti(pair[0], volume, affine)
         write_nifti(pair[1], labels, affine)
@@ -114,9 +121,10 @@ def foreign_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=HERE.parent / "model_repository")
-    parser.add_argument("--cases", type=int, default=6, help="held-out cases per generator")
+    parser.add_argument("--cases", type=int, default=10, help="held-out cases per generator")
     parser.add_argument("--seed", type=int, default=90210, help="never a training seed")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--no-timing", action="store_true", help="accuracy only: skip the end-to-end timing")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -125,10 +133,11 @@ def main() -> None:
             results = {"repository": str(args.repository), "start_to_ready_s": round(ready_seconds, 2)}
             results["own_phantoms_40x256x256"] = evaluate(
                 own_phantoms(work / "own", args.cases, args.seed, (40, 256, 256)), url, work)
-            results["foreign_phantoms_40x256x256"] = evaluate(
-                foreign_phantoms(work / "foreign", args.cases, args.seed, (40, 256, 256)), url, work)
+            for name, make_case in [("foreign", make_foreign_case), ("independent", make_independent_case)]:
+                results[f"{name}_phantoms_40x256x256"] = evaluate(
+                    generated_phantoms(work / name, args.cases, args.seed, (40, 256, 256), make_case), url, work)
             timing = {}
-            for shape in [(40, 256, 256), (100, 512, 512)]:
+            for shape in [] if args.no_timing else [(40, 256, 256), (100, 512, 512)]:
                 (case,) = own_phantoms(work / f"timing-{shape[1]}", 1, args.seed + 7, shape)
                 segment_with_cli(case[0], work / "warmup.nii.gz", url)  # first-call costs are not latency
                 served = [segment_with_cli(case[0], work / "timing.nii.gz", url) for _ in range(3)]
@@ -139,7 +148,8 @@ def main() -> None:
                     "in_process_median_s": round(float(np.median(peer)), 2),
                     "served_over_in_process": round(float(np.median(served) / np.median(peer)), 2),
                     "served_runs_s": [round(r, 2) for r in served], "in_process_runs_s": [round(r, 2) for r in peer]}
-            results["end_to_end_cli_seconds"] = timing
+            if timing:
+                results["end_to_end_cli_seconds"] = timing
         finally:
             stop_serve(server)
     text = json.dumps(results, indent=2)
