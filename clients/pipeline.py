@@ -13,13 +13,13 @@ import numpy as np
 
 from mixsup.contract import ModelContract
 from mixsup.errors import MixsupError
+from mixsup.postprocess import postprocess_labels
 from mixsup.resample import inplane_shape, resample_inplane
 from mixsup.scan import Scan, to_int16_hu
 
 #: Resample only when the scan's in-plane spacing differs from the model's by more than this fraction: below it
 #: the interpolation blur costs more than the tiny scale mismatch (0.78 vs 0.79 mm is the same anatomy).
 SPACING_TOLERANCE = 0.01
-
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,3 +104,23 @@ def restore_probabilities(probabilities_model_grid: np.ndarray, restore: Restore
             probabilities[:, index].astype(np.float32), restore.canonical_shape[1:], order=1
         )
     return restore.to_stored(canonical)
+
+
+def answer_on_scan_grid(
+    labels_model_grid: np.ndarray,
+    probabilities_model_grid: np.ndarray | None,
+    restore: Restore,
+    num_classes: int,
+    postprocess: bool = True,
+    organ_label: int = 1,
+    lesion_label: int = 2,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The server's answer on the scan's stored grid: (uint8 labels, post-processed unless ``postprocess`` is
+    False; float32 probabilities ``[C, i, j, k]`` as the server gave them, or None)."""
+    labels = restore_labels(labels_model_grid, restore, num_classes)
+    if postprocess:
+        labels = postprocess_labels(labels, organ_label=organ_label, lesion_label=lesion_label)
+    probabilities = None
+    if probabilities_model_grid is not None:
+        probabilities = restore_probabilities(probabilities_model_grid, restore)
+    return labels, probabilities

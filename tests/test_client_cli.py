@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from mixsup.clients.cli import collect_scans, default_output_path, main
+from mixsup.clients.cli import default_output_path, main
 from mixsup.clients.client import SegmentationClient, normalize_url
+from mixsup.clients.inputs import collect_cases
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError, ServerUnavailable
 from mixsup.postprocess import postprocess_labels
@@ -163,16 +164,16 @@ def test_collect_scans_from_folder_and_list(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x.dcm").write_bytes(b"")
-    found = collect_scans(tmp_path, output_dir=tmp_path / "out")
-    assert [p.name for p in found] == ["a.nii", "b.nii.gz", "series"]
+    found = collect_cases([tmp_path], output_dir=tmp_path / "out").cases
+    assert [(c.case, c.path.name) for c in found] == [("a", "a.nii"), ("b", "b.nii.gz"), ("series", "series")]
 
     listing = tmp_path / "list.txt"
     listing.write_text("# scans\nb.nii.gz\n\n/abs/c.nii\n")
-    assert collect_scans(listing) == [tmp_path / "b.nii.gz", Path("/abs/c.nii")]
+    assert [(c.case, c.path) for c in collect_cases([listing]).cases] == [
+        ("b", tmp_path / "b.nii.gz"), ("c", Path("/abs/c.nii"))
+    ]
     with pytest.raises(InputError):
-        collect_scans(tmp_path / "empty_dir")
-
-
+        collect_cases([tmp_path / "empty_dir"])
 
 
 # -- with the real Triton server (one for the module) ------------------------------------------------------------
@@ -380,7 +381,7 @@ def test_batch_goes_past_bad_inputs(tmp_path, capsys, real_triton):
     write_scan(source / "segmentation-0.nii.gz")  # a LiTS label map: skipped
     out_dir = tmp_path / "out"
     code, out, err = run_cli(capsys, "batch", source, "-o", out_dir, "--url", real_triton, "--jobs", "2")
-    assert code == 2
+    assert code == 2, err
     assert "b: bad_input" in err
     with open(out_dir / "summary.csv", newline="") as handle:
         rows = {row["case"]: row for row in csv.DictReader(handle)}

@@ -1,0 +1,142 @@
+"""The Python API for services, against the real Triton server: ``SegmentationClient(url).segment(scan)`` and its
+asyncio twin ``AsyncSegmentationClient`` (``tritonclient.grpc.aio``).
+
+The server is the per-pixel network of test_client_cli (labels follow from each voxel's HU), so the expected
+labels come from numpy and the expected stats are counted here with scipy, independently of cc3d.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import numpy as np
+import pytest
+from dicom_phantoms import write_series
+from scipy import ndimage
+from test_client_cli import NETWORK, expected_labels, pixel_labels, real_triton, segment_requests, write_scan
+
+from mixsup.clients.aio import AsyncSegmentationClient
+from mixsup.clients.client import SegmentationClient
+from mixsup.clients.result import Result
+from mixsup.errors import InputError, ServerUnavailable
+from mixsup.readers import read_scan
+
+__all__ = ["real_triton"]  # the module's server fixture, shared with test_client_cli
+
+pytestmark = pytest.mark.triton
+
+#: A permuted storage order (i -> posterior, j -> superior, k -> patient right) with 2.5 mm slices.
+PSR = np.array([[0, 0, 1.0, 5], [-1.0, 0, 0, 6], [0, 2.5, 0, 7], [0, 0, 0, 1]])
+
+
+def free_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def check_result(result: Result, voxels: np.ndarray, affine: np.ndarray) -> None:
+    """Labels, affine and stats of ``result`` against what the pixel network must give for ``voxels``."""
+    expected = expected_labels(voxels)
+    assert isinstance(result, Result) and result.model == "segment" and result.postprocessed
+    assert result.labels.dtype == np.uint8 and np.array_equal(result.labels, expected)
+    np.testing.assert_allclose(result.affine, affine)
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
+    lesion = expected == 2
+    _, lesion_count = ndimage.label(lesion, structure=np.ones((3, 3, 3)))
+    stats = result.stats
+    assert stats.liver_ml == pytest.approx(np.count_nonzero(expected) * voxel_ml)
+    assert stats.lesion_ml == pytest.approx(np.count_nonzero(lesion) * voxel_ml)
+    assert stats.lesion_count == lesion_count >= 1
+    assert stats.tumour_burden == pytest.approx(np.count_nonzero(lesion) / np.count_nonzero(expected))
+
+
+def test_segment_a_scan_a_path_and_a_dicom_folder(tmp_path, real_triton):
+    voxels, affine = write_scan(tmp_path / "scan.nii.gz", shape=(24, 6, 20), affine=PSR)
+    requests = segment_requests(real_triton)
+    with SegmentationClient(real_triton) as client:
+        from_path = client.segment(tmp_path / "scan.nii.gz")
+        from_scan = client.segment(read_scan(tmp_path / "scan.nii.gz"))
+        raw = client.segment(str(tmp_path / "scan.nii.gz"), postprocess=False, probabilities=True)
+    check_result(from_path, voxels, affine)
+    assert np.array_equal(from_scan.labels, from_path.labels) and from_scan.stats == from_path.stats
+    assert from_path.probabilities is None
+    assert not raw.postprocessed and np.array_equal(raw.labels, pixel_labels(voxels))
+    assert raw.probabilities.shape == (3, *voxels.shape) and raw.probabilities.dtype == np.float32
+    assert segment_requests(real_triton) == requests + 3
+
+    plane = np.zeros((20, 16), np.int16)
+    plane[3:17, 2:14] = 100
+    plane[6:10, 5:9] = 200
+    write_series(tmp_path / "series", np.repeat(plane[None], 4, axis=0), spacing=(1.0, 1.0))
+    scan = read_scan(tmp_path / "series")
+    with SegmentationClient(real_triton) as client:
+        check_result(client.segment(tmp_path / "series"), scan.voxels, scan.affine)
+
+
+def write_scan_path(tmp_path):
+    write_scan(tmp_path / "ok.nii.gz")
+    return tmp_path / "ok.nii.gz"
+
+
+def test_errors_of_the_sync_api(tmp_path, real_triton):
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a scan")
+    with SegmentationClient(real_triton) as client:
+        with pytest.raises(InputError, match="bad.nii.gz"):
+            client.segment(tmp_path / "bad.nii.gz")
+    with SegmentationClient(free_url(), connect_timeout_s=5) as client:
+        with pytest.raises(ServerUnavailable, match="cannot reach"):
+            client.segment(write_scan_path(tmp_path))
+
+
+def test_the_async_client_segments_concurrently(tmp_path, real_triton):
+    scans = {}
+    for index, affine in enumerate((None, PSR, np.diag([1.0, -1.0, 2.0, 1.0]))):
+        shape = (24, 6, 20) if affine is PSR else (24, 20, 6)
+        scans[index] = write_scan(tmp_path / f"s{index}.nii.gz", shape=shape, affine=affine, seed=index)
+    requests = segment_requests(real_triton)
+
+    # Made outside the loop, as a service's startup code might: the channel is opened inside it, on first use.
+    client = AsyncSegmentationClient(real_triton)
+
+    async def main():
+        async with client:
+            health = await client.health()
+            contract = await client.contract()
+            results = await asyncio.gather(*(client.segment(tmp_path / f"s{index}.nii.gz") for index in scans))
+            with_probabilities = await client.segment(tmp_path / "s0.nii.gz", probabilities=True)
+            raw = await client.segment_volume(np.full((2, 4, 4), 120, np.int16))
+        return health, contract, results, with_probabilities, raw
+
+    health, contract, results, with_probabilities, raw = asyncio.run(main())
+    assert health["ready"] and health["versions"] == ["1"]
+    assert contract.spacing_mm == (1.0, 1.0)
+    for index, result in enumerate(results):
+        check_result(result, *scans[index])
+    assert with_probabilities.probabilities.shape == (3, 24, 20, 6)
+    assert np.array_equal(raw, np.ones((2, 4, 4), np.uint8))
+    assert segment_requests(real_triton) == requests + 5
+
+
+def test_errors_of_the_async_api(tmp_path, real_triton):
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a scan")
+    path = write_scan_path(tmp_path)
+
+    async def expect(error, url, model, scan):
+        async with AsyncSegmentationClient(url, model=model, connect_timeout_s=5) as client:
+            with pytest.raises(error) as caught:
+                await client.segment(scan)
+        return str(caught.value)
+
+    async def main():
+        unreachable = await expect(ServerUnavailable, free_url(), "segment", path)
+        no_contract = await expect(InputError, real_triton, NETWORK, path)
+        no_model = await expect(ServerUnavailable, real_triton, "no_such_model", path)
+        bad_scan = await expect(InputError, real_triton, "segment", tmp_path / "bad.nii.gz")
+        return unreachable, no_contract, no_model, bad_scan
+
+    unreachable, no_contract, no_model, bad_scan = asyncio.run(main())
+    assert "cannot reach" in unreachable and "contract" in no_contract and "no_such_model" in no_model
+    assert "bad.nii.gz" in bad_scan
+    for message in (unreachable, no_contract, no_model, bad_scan):
+        assert "\n" not in message
