@@ -1,14 +1,25 @@
-"""``mixsup-export CKPT --repository DIR --name NAME``: a checkpoint becomes a served member of ``segment``.
+"""``mixsup-export CKPT --repository DIR --name NAME``: a checkpoint becomes a served member of an ensemble.
 
-Writes ``DIR/NAME`` (the network), ``DIR/NAME_window`` (its sliding-window step) and regenerates ``DIR/fuse`` and
-the public ensemble ``DIR/segment`` over every network in the repository. Only the recipe's segmentation path is
-exported (its auxiliary heads stay in training), with the HU window as its first op and a softmax on top.
+Writes ``DIR/NAME`` (the network) and ``DIR/NAME_window`` (its sliding-window step), then the ensemble it joins
+(``DIR/segment`` and its ``DIR/fuse``, or E and ``E_fuse`` with ``--member E``). Only the recipe's segmentation
+path is exported (its auxiliary heads stay in training), with the HU window as its first op and a softmax on top.
 
 Formats: ``onnx`` (default) runs on ONNX Runtime inside Triton's python backend, or with ``--backend onnxruntime``
 on Triton's native onnxruntime platform (``--tensorrt-accelerator`` adds TensorRT there); ``torchscript`` gives a
 ``pytorch_libtorch`` model; ``tensorrt`` a ``tensorrt_plan`` engine (needs TensorRT and a CUDA GPU here). Every
 export is checked against PyTorch on raw-HU probes of several shapes: within 1e-4 in fp32, 1e-2 in fp16.
-A NAME already in the repository is refused unless ``--replace``.
+
+Ensembles: a new ensemble starts with NAME alone; an existing one is extended only with ``--member E`` (NAME
+added with ``--weight``, or its weight changed), so several folds or recipes are averaged with chosen weights.
+Without ``--member`` an existing ``segment`` is never merged into: that is an error unless NAME is already one of
+its members or ``--replace`` makes NAME its only member. A NAME already in the repository is refused unless
+``--replace``.
+
+Models beside the ensembles, always fp32 ONNX on ONNX Runtime in the python backend, each with its own contract:
+``--keep-detection`` (msdn) adds ``NAME_detection``: probabilities plus up to ``--max-detections`` boxes per
+slice, non-max-suppressed per class; ``--keep-confidence`` (asdnet) adds ``NAME_confidence``: probabilities plus
+the confidence map; ``--teacher`` (teacher-student) exports the teacher instead of the student, as the
+box-prompted annotator ``NAME`` (inputs ``image`` and ``boxes``), outside every ensemble.
 """
 from __future__ import annotations
 
@@ -16,24 +27,18 @@ import argparse
 import hashlib
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
-
-from mixsup.errors import InputError, MixsupError, add_debug_flag, run_command
+from mixsup.errors import InputError, add_debug_flag, run_command
+from mixsup.export.parity import PARITY_TOLERANCE
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from mixsup.contract import ModelContract
-    from mixsup.repository import ShapeProfile, TensorRTAccelerator
+    from mixsup.export.detection import DetectionSettings
 
 FORMATS = ("onnx", "torchscript", "tensorrt")
 BACKENDS = ("python", "onnxruntime")
-#: Largest difference from eager PyTorch, on probabilities, an export may show.
-PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 #: Widest in-plane side the TensorRT engines accept: whole 512 x 512 slices.
 TENSORRT_MAX_SIDE = 512
 #: Tiles per request from the window step, and the most the network model takes at once (dynamic batching).
@@ -56,11 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --backend onnxruntime: run through ONNX Runtime's TensorRT execution provider")
     parser.add_argument("--trt-cache-dir", help="where Triton keeps TensorRT engines on the serving host "
                                                 "(--tensorrt-accelerator; default /tmp/mixsup_trt_cache/NAME)")
-    parser.add_argument("--replace", action="store_true", help="overwrite an existing network of this name")
+    parser.add_argument("--replace", action="store_true",
+                        help="overwrite an existing model of this name (with its window and extras); an existing "
+                             "ensemble it is not in gets it as its only member")
     parser.add_argument("--patch-size", type=int, help="sliding-window tile size (default: the checkpoint's)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--instances", type=int, default=1, help="Triton instances of the network model")
     parser.add_argument("--no-ensemble", action="store_true", help="write the network and its window step only")
+    ensembles = parser.add_argument_group("ensembles")
+    ensembles.add_argument("--member", metavar="ENSEMBLE",
+                           help="add the network to this sliding-window ensemble (created if missing, extended "
+                                "if it exists), e.g. segment or folds")
+    ensembles.add_argument("--weight", type=float,
+                           help="the network's weight in --member's ensemble (default 1; weights are normalized)")
+    beside = parser.add_argument_group("models beside the ensembles (fp32 ONNX, python backend)")
+    beside.add_argument("--keep-detection", action="store_true",
+                        help="msdn: also write NAME_detection, probabilities plus per-slice boxes, scores, classes")
+    beside.add_argument("--max-detections", type=int, help="--keep-detection: boxes per slice (default 100)")
+    beside.add_argument("--score-threshold", type=float,
+                        help="--keep-detection: least score of a box, in [0, 1) (default 0.05)")
+    beside.add_argument("--nms-iou", type=float,
+                        help="--keep-detection: IoU above which a box of the same class is suppressed (default 0.5)")
+    beside.add_argument("--keep-confidence", action="store_true",
+                        help="asdnet: also write NAME_confidence, probabilities plus the confidence map")
+    beside.add_argument("--teacher", action="store_true",
+                        help="teacher-student: export the teacher as the box-prompted annotator NAME (inputs "
+                             "image and boxes) instead of the student; it joins no ensemble")
     add_debug_flag(parser)
     return parser
 
@@ -86,110 +112,136 @@ def check_options(args: argparse.Namespace) -> None:
         raise InputError("--precision fp16 is for --format onnx or tensorrt; TorchScript is exported in fp32")
     if args.instances < 1:
         raise InputError(f"--instances must be at least 1, got {args.instances}")
+    if args.weight is not None and args.member is None:
+        raise InputError("--weight is the weight of a --member; name the ensemble with --member")
+    if args.member is not None and args.no_ensemble:
+        raise InputError("--member adds the network to an ensemble; --no-ensemble says not to")
+    detection_flags = [flag for flag, value in [("--max-detections", args.max_detections),
+                                                ("--score-threshold", args.score_threshold),
+                                                ("--nms-iou", args.nms_iou)] if value is not None]
+    if detection_flags and not args.keep_detection:
+        raise InputError(f"{detection_flags[0]} is an option of --keep-detection")
+    if args.teacher:
+        clashing = [flag for flag, given in [
+            ("--format", args.format != "onnx"), ("--backend", args.backend is not None),
+            ("--precision", args.precision != "fp32"), ("--member", args.member is not None),
+            ("--keep-detection", args.keep_detection), ("--keep-confidence", args.keep_confidence)] if given]
+        if clashing:
+            raise InputError(f"--teacher writes an fp32 ONNX annotator for the python backend outside every "
+                             f"ensemble; drop {clashing[0]}")
+    if args.keep_detection:
+        detection_settings(args).check()
 
 
-def parity_probes(context_slices: int, patch: int, divisor: int, seed: int = 0) -> list[np.ndarray]:
-    """Raw-HU inputs of two shapes, values well beyond the HU window on both sides: a batch of patch-sized
-    tiles, and one non-square tile of another size (height and width are dynamic in every export)."""
-    rng = np.random.default_rng(seed)
-    shapes = [(2, patch, patch), (1, patch + divisor, max(divisor, patch - divisor))]
-    return [rng.uniform(-1100, 1500, (n, context_slices, h, w)).astype(np.float32) for n, h, w in shapes]
+def detection_settings(args: argparse.Namespace) -> DetectionSettings:
+    """The ``--keep-detection`` options, defaults where not given."""
+    from mixsup.export.detection import DetectionSettings
+
+    given = {"max_detections": args.max_detections, "score_threshold": args.score_threshold,
+             "iou_threshold": args.nms_iou}
+    return DetectionSettings(**{key: value for key, value in given.items() if value is not None})
 
 
-def check_parity(what: str, compute: Callable[[np.ndarray], np.ndarray], reference: Sequence[np.ndarray],
-                 probes: Sequence[np.ndarray], precision: str) -> float:
-    """Largest difference of ``compute`` from the PyTorch ``reference`` over ``probes``; too large is an error."""
-    error = max(float(np.abs(compute(probe) - expected).max()) for probe, expected in zip(probes, reference))
-    tolerance = PARITY_TOLERANCE[precision]
-    if not error <= tolerance:  # `not <=` so that NaN fails too
-        raise MixsupError(f"{what} output differs from PyTorch by {error:.2e} (> {tolerance} for {precision})")
-    return error
+def export_contract(args: argparse.Namespace, payload: dict, divisor: int) -> ModelContract:
+    """The checkpoint's contract with what this export decides: patch size, opset, precision, checkpoint."""
+    from mixsup.contract import ModelContract
+
+    contract = ModelContract.from_dict(payload["contract"])
+    patch = args.patch_size or contract.patch_size[0]
+    if patch % divisor:
+        raise InputError(f"--patch-size {patch} must be a multiple of {divisor} for this network")
+    return contract.replace(
+        patch_size=(patch, patch), opset=None if args.format == "torchscript" else args.opset,
+        precision=args.precision, checkpoint=f"{args.checkpoint.name} sha256:{sha256_of(args.checkpoint)[:16]}",
+    )
 
 
-@dataclass
-class Exported:
-    """A network file ready for the repository, how Triton runs it, and how close it came to PyTorch."""
+def handle_teacher(args: argparse.Namespace) -> int:
+    """``--teacher``: the annotator model ``NAME``, outside every ensemble."""
+    from mixsup.export.extras import annotator_model, export_auxiliary
+    from mixsup.repository import check_network_name, list_ensembles, write_auxiliary
+    from mixsup.training.trainer import load_checkpoint
 
-    path: Path
-    runtime: str
-    description: str
-    parity: float
-    accelerator: TensorRTAccelerator | None = None
-
-
-def export_model(args: argparse.Namespace, network: torch.nn.Module, contract: ModelContract, work: Path,
-                 profile: ShapeProfile) -> Exported:
-    """Export ``network`` into ``work`` as ``args`` ask and check it against eager PyTorch."""
-    from mixsup.export.onnx_export import convert_to_fp16, export_onnx, onnx_probabilities, torch_probabilities
-    from mixsup.export.tensorrt_export import build_engine
-    from mixsup.export.torchscript_export import export_torchscript, torchscript_probabilities
-    from mixsup.repository import LIBTORCH, ONNXRUNTIME, PYTHON, TENSORRT_PLAN, TensorRTAccelerator
-
-    patch = contract.patch_size[0]
-    probes = parity_probes(contract.context_slices, patch, getattr(network, "size_divisor", 1))
-    reference = [torch_probabilities(network, probe) for probe in probes]
-    if args.format == "torchscript":
-        path = export_torchscript(network, contract, work / "model.pt")
-        error = check_parity("TorchScript", lambda x: torchscript_probabilities(path, x), reference, probes, "fp32")
-        return Exported(path, LIBTORCH, "TorchScript fp32", error)
-
-    onnx_path = export_onnx(network, contract, work / "model.onnx", opset=args.opset)
-    error = check_parity("ONNX", lambda x: onnx_probabilities(onnx_path, x), reference, probes, "fp32")
-    graph = f"ONNX opset {args.opset}"
-    if args.format == "tensorrt":
-        # Built from the float32 graph, from which TensorRT picks its own fp16 kernels. The engine itself is not
-        # run here (that needs a CUDA runtime binding); the graph it was built from was checked above.
-        plan = build_engine(onnx_path, work / "model.plan", contract.input_name, contract.context_slices, profile,
-                            fp16=args.precision == "fp16")
-        return Exported(plan, TENSORRT_PLAN, f"TensorRT engine {args.precision} from {graph}", error)
-    if args.tensorrt_accelerator:
-        # Likewise: the TensorRT execution provider gets the float32 graph and the precision as an option.
-        cache = args.trt_cache_dir or f"/tmp/mixsup_trt_cache/{args.name}"
-        accelerator = TensorRTAccelerator(precision=args.precision, engine_cache_path=cache, profile=profile)
-        return Exported(onnx_path, ONNXRUNTIME, f"{graph} fp32, TensorRT accelerator {args.precision}", error,
-                        accelerator)
-    if args.precision == "fp16":
-        onnx_path = convert_to_fp16(onnx_path, work / "fp16" / "model.onnx")
-        error = check_parity("fp16 ONNX", lambda x: onnx_probabilities(onnx_path, x), reference, probes, "fp16")
-    runtime = ONNXRUNTIME if args.backend == "onnxruntime" else PYTHON
-    return Exported(onnx_path, runtime, f"{graph} {args.precision}, {runtime} backend", error)
+    check_network_name(args.repository, args.name, args.replace)
+    # An ensemble's window step would call the annotator as if it were its network, and fail.
+    holding = [name for name, members in list_ensembles(args.repository).items()
+               if any(member == args.name for member, _ in members)]
+    if holding:
+        raise InputError(f"{args.name!r} is a member of ensemble {holding[0]!r}; an annotator cannot take its place "
+                         "(pick another --name)")
+    payload = load_checkpoint(args.checkpoint)
+    auxiliary = annotator_model(payload, export_contract(args, payload, 1))
+    if auxiliary.contract.patch_size[0] % auxiliary.contract.size_divisor:
+        raise InputError(f"--patch-size must be a multiple of {auxiliary.contract.size_divisor} for this teacher")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        parity = export_auxiliary(auxiliary, path, args.opset)
+        write_auxiliary(args.repository, args.name, path, auxiliary.contract, instance_count=args.instances,
+                        replace=args.replace)
+    parameters = sum(parameter.numel() for parameter in auxiliary.module.parameters())
+    print(f"mixsup-export: wrote {args.repository / args.name} (teacher as box-prompted annotator, ONNX opset "
+          f"{args.opset} fp32, python backend, {parameters:,} parameters, parity {parity:.1e})")
+    return 0
 
 
 def handle(args: argparse.Namespace) -> int:
-    """Export the checkpoint, write its repository entries and the ensemble; errors are MixsupErrors."""
-    from mixsup.contract import ModelContract
+    """Export the checkpoint, write its repository entries and its ensembles; errors are MixsupErrors."""
+    check_options(args)
+    if args.teacher:
+        return handle_teacher(args)
+    from mixsup.contract import CONFIDENCE, DETECTION
+    from mixsup.export.ensemble import plan_ensembles
+    from mixsup.export.extras import confidence_model, detection_model, export_auxiliary
+    from mixsup.export.network import export_model
     from mixsup.export.tensorrt_export import require_tensorrt
-    from mixsup.repository import ShapeProfile, check_network_name, write_ensemble, write_network
+    from mixsup.repository import (
+        ShapeProfile,
+        auxiliary_name,
+        check_network_name,
+        write_auxiliary,
+        write_ensemble,
+        write_network,
+    )
     from mixsup.training.trainer import load_checkpoint, network_from_checkpoint
 
-    check_options(args)
     if args.format == "tensorrt":
         require_tensorrt()
     check_network_name(args.repository, args.name, args.replace)  # before the work, not after
     payload = load_checkpoint(args.checkpoint)
     network = network_from_checkpoint(payload)
-    contract = ModelContract.from_dict(payload["contract"])
-    patch = args.patch_size or contract.patch_size[0]
-    divisor = getattr(network, "size_divisor", 1)
-    if patch % divisor:
-        raise InputError(f"--patch-size {patch} must be a multiple of {divisor} for this network")
-    contract = contract.replace(
-        patch_size=(patch, patch), opset=None if args.format == "torchscript" else args.opset,
-        precision=args.precision, checkpoint=f"{args.checkpoint.name} sha256:{sha256_of(args.checkpoint)[:16]}",
-    )
+    contract = export_contract(args, payload, getattr(network, "size_divisor", 1))
+    plans = plan_ensembles(args.repository, args.name, contract, args.member,
+                           1.0 if args.weight is None else args.weight, args.replace, write=not args.no_ensemble)
+    extras = []
+    extra_contract = contract.replace(opset=args.opset, precision="fp32")  # whatever the network's format
+    if args.keep_detection:
+        extras.append(detection_model(payload, extra_contract, detection_settings(args)))
+    if args.keep_confidence:
+        extras.append(confidence_model(payload, extra_contract))
+    patch = contract.patch_size[0]
     # The window step sends up to WINDOW_BATCH patch-sized tiles per request; engines also take whole slices.
     profile = ShapeProfile(batch=(1, WINDOW_BATCH, MAX_BATCH_SIZE),
                            side=(patch, patch, max(patch, TENSORRT_MAX_SIDE)))
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_model(args, network, contract, Path(tmp), profile)
+        extra_paths = {}
+        for extra in extras:
+            extra_paths[extra.kind] = Path(tmp) / extra.kind / "model.onnx"
+            export_auxiliary(extra, extra_paths[extra.kind], args.opset)
         write_network(args.repository, args.name, exported.path, contract, instance_count=args.instances,
                       max_batch_size=MAX_BATCH_SIZE, batch_size=WINDOW_BATCH, runtime=exported.runtime,
                       accelerator=exported.accelerator, replace=args.replace)
-    if not args.no_ensemble:
-        write_ensemble(args.repository)
+        for extra in extras:
+            write_auxiliary(args.repository, auxiliary_name(args.name, extra.kind), extra_paths[extra.kind],
+                            extra.contract, instance_count=args.instances, max_batch_size=MAX_BATCH_SIZE)
+    for plan in plans:
+        write_ensemble(args.repository, plan.members, plan.name)
     parameters = sum(parameter.numel() for parameter in network.parameters())
+    beside = "".join(f", {auxiliary_name(args.name, kind)}" for kind in (DETECTION, CONFIDENCE)
+                     if kind in extra_paths)
+    joined = "".join(f", ensemble {plan.name!r} of {len(plan.members)}" for plan in plans)
     print(f"mixsup-export: wrote {args.repository / args.name} ({exported.description}, {parameters:,} parameters, "
-          f"parity {exported.parity:.1e}, patch {patch}x{patch})")
+          f"parity {exported.parity:.1e}, patch {patch}x{patch}){beside}{joined}")
     return 0
 
 

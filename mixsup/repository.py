@@ -10,6 +10,18 @@ Layout written here (DESIGN.md, "Triton model repository")::
     NAME_window/1/model.py      thin adapter -> mixsup.serving.triton.window
     fuse/...                    python backend: weighted mean of the members -> labels
     segment/config.pbtxt        ensemble: volume -> every NAME_window in parallel -> fuse
+    E/, E_fuse/                 any further ensemble E over other members and weights (folds, recipes)
+
+Models beside the ensembles, for direct calls (ONNX Runtime in the python backend, every tensor the model's
+contract names, the contract itself as config parameter ``contract``)::
+
+    NAME_detection/             MSDN: probabilities + per-slice detections (contract kind ``detection``)
+    NAME_confidence/            ASDNet: probabilities + confidence map (kind ``confidence``)
+    NAME/                       the teacher-student teacher as box-prompted annotator (kind ``annotator``)
+
+An ensemble's members and weights are stored once, where Triton reads them: the order of its window steps and
+the ``WEIGHTS`` parameter of its fuse step (:func:`read_ensemble` reads them back; the contract it embeds lists
+them too, for clients).
 
 Network runtimes (:data:`RUNTIMES`): ``python`` (ONNX Runtime inside Triton's python backend, the default and the
 one the ``nvidia-pytriton`` server runs), ``onnxruntime`` (Triton's native ``onnxruntime_onnx`` platform, optionally
@@ -33,7 +45,15 @@ from typing import Mapping, Sequence
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from mixsup.contract import CONTRACT_FILENAME, ModelContract
+from mixsup.contract import (
+    ANNOTATOR,
+    CONFIDENCE,
+    CONTRACT_FILENAME,
+    DETECTION,
+    SEGMENTATION,
+    ModelContract,
+    TensorSpec,
+)
 from mixsup.errors import InputError
 
 VERSION = "1"
@@ -43,6 +63,15 @@ VOLUME_INPUT = "volume"
 LABELS_OUTPUT = "labels"
 WINDOW_SUFFIX = "_window"
 CONTRACT_PARAMETER = "contract"
+DEFAULT_ENSEMBLE = "segment"
+#: Models written beside a network NAME, as ``NAME_<kind>``.
+NETWORK_EXTRAS = (DETECTION, CONFIDENCE)
+#: Name endings the repository's own entries use (windows, fuse steps of named ensembles, network extras), so no
+#: network may take them.
+RESERVED_SUFFIXES = (WINDOW_SUFFIX, "_fuse", *(f"_{kind}" for kind in NETWORK_EXTRAS))
+#: Triton data type of each contract dtype.
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
+                "int16": "TYPE_INT16", "uint8": "TYPE_UINT8"}
 #: Contract fields every member of one ensemble must share, or their probabilities cannot be averaged.
 SHARED_CONTRACT_FIELDS = ("class_names", "spacing_mm", "context_slices")
 
@@ -213,6 +242,31 @@ def network_config(
     return config
 
 
+def spec_tensor(spec: TensorSpec) -> Tensor:
+    """A contract tensor as a config input or output of a batching model: the batch axis ``N`` left to
+    ``max_batch_size``, every other variable axis -1."""
+    if not spec.shape or spec.shape[0] != "N":
+        raise InputError(f"tensor {spec.name!r}: the first axis must be the batch 'N', got {spec.shape}")
+    return spec.name, TRITON_TYPES[spec.dtype], [-1 if isinstance(d, str) else int(d) for d in spec.shape[1:]]
+
+
+def auxiliary_config(
+    name: str,
+    contract: ModelContract,
+    max_batch_size: int = 16,
+    instance_count: int = 1,
+    device: str = "auto",
+    intra_op_threads: int = 0,
+) -> mc.ModelConfig:
+    """Config of a model beside the ensembles: python backend, every input and output of ``contract``, the
+    contract as parameter ``contract`` so a client learns what to send with one ``get_model_config``."""
+    return python_model_config(
+        name, max_batch_size, [spec_tensor(t) for t in contract.inputs], [spec_tensor(t) for t in contract.outputs],
+        instance_count, {"DEVICE": device, "INTRA_OP_THREADS": intra_op_threads,
+                         CONTRACT_PARAMETER: json.dumps(contract.to_dict(), sort_keys=True)},
+        dynamic_batching=True)
+
+
 def ensemble_step(model_name: str, input_map: Mapping[str, str],
                   output_map: Mapping[str, str]) -> mc.ModelEnsembling.Step:
     """One step of ``ensemble_scheduling``: maps are {model tensor name: ensemble tensor name}."""
@@ -268,27 +322,50 @@ def window_name(network: str) -> str:
 
 def fuse_name(ensemble: str) -> str:
     """``fuse`` for the default ``segment`` ensemble; ``<ensemble>_fuse`` for others so they can coexist."""
-    return "fuse" if ensemble == "segment" else f"{ensemble}_fuse"
+    return "fuse" if ensemble == DEFAULT_ENSEMBLE else f"{ensemble}_fuse"
+
+
+def auxiliary_name(network: str, kind: str) -> str:
+    """The model beside network ``network`` that holds its ``kind`` outputs (``detection``, ``confidence``)."""
+    if kind not in NETWORK_EXTRAS:
+        raise InputError(f"no model of kind {kind!r} sits beside a network; those are {', '.join(NETWORK_EXTRAS)}")
+    return f"{network}_{kind}"
+
+
+def entry_names(name: str) -> list[str]:
+    """Every entry an export named ``name`` may own: the model itself, its window step, its extras."""
+    return [name, window_name(name), *(auxiliary_name(name, kind) for kind in NETWORK_EXTRAS)]
 
 
 def check_network_name(repository: str | os.PathLike, name: str, replace: bool = False) -> None:
     """Refuse a network name that is unusable, clashes with the repository's own models, or is taken.
 
-    A taken name is only overwritten with ``replace``, and only when it is a network entry (``1/contract.json``),
-    so a replace never deletes a folder that export did not write.
+    Taken means any of :func:`entry_names` exists. It is only overwritten with ``replace``, and only when each
+    such model is an export's (``1/contract.json``), so a replace never deletes a folder that export did not
+    write.
     """
     repository = Path(repository)
     check_model_name(name)
-    if name.endswith(WINDOW_SUFFIX) or name in ("fuse", "segment"):
+    if name.endswith(RESERVED_SUFFIXES) or name in ("fuse", DEFAULT_ENSEMBLE):
         raise InputError(f"{name!r} would clash with the repository's own models; pick another network name")
-    for entry in (repository / name, repository / window_name(name)):
+    for entry_name in entry_names(name):
+        entry = repository / entry_name
         if not entry.exists():
             continue
         if not replace:
             raise InputError(f"{entry} already exists; pick another --name or pass --replace to overwrite it")
-        if entry.name == name and not (entry / VERSION / CONTRACT_FILENAME).is_file():
+        if entry_name != window_name(name) and not (entry / VERSION / CONTRACT_FILENAME).is_file():
             raise InputError(f"{entry} exists but is not a network entry (no {VERSION}/{CONTRACT_FILENAME}); "
                              "not replacing it")
+
+
+def clear_entries(repository: str | os.PathLike, name: str) -> None:
+    """Remove every entry of :func:`entry_names` ``name`` that exists (after :func:`check_network_name` allowed
+    the replace), so no model, window or extra of the previous export stays behind."""
+    for entry_name in entry_names(name):
+        entry = Path(repository) / entry_name
+        if entry.exists():
+            shutil.rmtree(entry)
 
 
 def write_network(
@@ -315,8 +392,8 @@ def write_network(
     ``model_path`` is an ONNX file for the ``python`` and ``onnxruntime`` runtimes, a serialized TensorRT engine
     for ``tensorrt_plan`` and a TorchScript file for ``pytorch_libtorch``. ``batch_size`` tiles go to the network
     per request, so it must not exceed ``max_batch_size``. An existing entry of that name is an InputError unless
-    ``replace``, which removes it first (no stale model file of another runtime stays behind). Returns the
-    network's folder.
+    ``replace``, which removes it and its window and extras first (no stale model file of another runtime, and
+    no detection or confidence model of the previous network, stays behind). Returns the network's folder.
     """
     repository = Path(repository)
     check_network_name(repository, name, replace)
@@ -336,9 +413,7 @@ def write_network(
 
     network_dir = repository / name
     window_dir = repository / window_name(name)
-    for entry in (network_dir, window_dir):
-        if entry.exists():  # check_network_name let it through: replace was asked for
-            shutil.rmtree(entry)
+    clear_entries(repository, name)  # check_network_name let any existing one through: replace was asked for
     version_dir = network_dir / VERSION
     version_dir.mkdir(parents=True)
     destination = version_dir / MODEL_FILENAMES[runtime]
@@ -372,10 +447,60 @@ def write_network(
     return network_dir
 
 
+def write_auxiliary(
+    repository: str | os.PathLike,
+    name: str,
+    model_path: str | os.PathLike,
+    contract: ModelContract,
+    *,
+    instance_count: int = 1,
+    max_batch_size: int = 16,
+    device: str = "auto",
+    intra_op_threads: int = 0,
+    replace: bool = False,
+) -> Path:
+    """Write a model beside the ensembles: the ONNX file ``model_path`` run by ONNX Runtime in the python backend
+    (adapter ``mixsup.serving.triton.onnx_model``), with every tensor ``contract`` names.
+
+    An ``annotator`` takes a network's place in the naming: ``name`` is checked like a network's and a replace
+    clears every entry of that name. A ``detection`` or ``confidence`` model is written after its network and
+    must be named :func:`auxiliary_name` of it; it replaces an existing one only with ``replace``. Returns the
+    model's folder.
+    """
+    repository = Path(repository)
+    if contract.kind == SEGMENTATION:
+        raise InputError("a segmentation network is written with its window step by write_network")
+    if contract.kind == ANNOTATOR:
+        check_network_name(repository, name, replace)
+        clear_entries(repository, name)
+    else:
+        network = name[: -len(contract.kind) - 1]
+        if name != auxiliary_name(network, contract.kind) or not (repository / network / VERSION /
+                                                                   CONTRACT_FILENAME).is_file():
+            raise InputError(f"{name!r}: a {contract.kind} model is named <network>_{contract.kind} after a network "
+                             "already in the repository")
+        entry = repository / name
+        if entry.exists():
+            if not replace:
+                raise InputError(f"{entry} already exists; pass --replace to overwrite it")
+            shutil.rmtree(entry)
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise InputError(f"{model_path}: no such ONNX file")
+    config = auxiliary_config(name, contract, max_batch_size, instance_count, device, intra_op_threads)
+    version_dir = repository / name / VERSION
+    version_dir.mkdir(parents=True)
+    copy_onnx(model_path, version_dir / MODEL_FILENAMES[PYTHON])
+    contract.save(version_dir / CONTRACT_FILENAME)
+    write_adapter(version_dir, contract.kind, "mixsup.serving.triton.onnx_model")
+    write_config(repository / name / "config.pbtxt", config)
+    return repository / name
+
+
 def write_ensemble(
     repository: str | os.PathLike,
     members: Sequence[tuple[str, float]] | None = None,
-    name: str = "segment",
+    name: str = DEFAULT_ENSEMBLE,
 ) -> Path:
     """Write the fuse model and the ensemble ``name`` over ``members`` (network name, weight).
 
@@ -398,6 +523,9 @@ def write_ensemble(
         if not (repository / window_name(member) / "config.pbtxt").is_file():
             raise InputError(f"{repository}: {member!r} has no {window_name(member)!r} entry; write_network first")
     contracts = [ModelContract.load(repository / member / VERSION / CONTRACT_FILENAME) for member in names]
+    for member, contract in zip(names, contracts):
+        if contract.kind != SEGMENTATION:
+            raise InputError(f"{member!r} is a {contract.kind} model; only segmentation networks join an ensemble")
     check_contracts_agree(names, contracts)
     contract = ensemble_contract(contracts[0], members, contracts)
     num_classes = contract.num_classes
@@ -441,12 +569,48 @@ def write_ensemble(
     return ensemble_dir
 
 
-def list_networks(repository: str | os.PathLike) -> list[str]:
-    """Names of the network entries in ``repository`` (folders holding ``1/contract.json``), sorted."""
+def list_networks(repository: str | os.PathLike, kind: str = SEGMENTATION) -> list[str]:
+    """Names of the exported models of ``kind`` in ``repository`` (folders holding ``1/contract.json``; by
+    default the segmentation networks, which ensembles are made of), sorted."""
     repository = Path(repository)
     if not repository.is_dir():
         raise InputError(f"{repository}: no such model repository")
-    return sorted(entry.name for entry in repository.iterdir() if (entry / VERSION / CONTRACT_FILENAME).is_file())
+    return sorted(entry.name for entry in repository.iterdir() if (entry / VERSION / CONTRACT_FILENAME).is_file()
+                  and ModelContract.load(entry / VERSION / CONTRACT_FILENAME).kind == kind)
+
+
+def read_ensemble(repository: str | os.PathLike, name: str) -> list[tuple[str, float]] | None:
+    """The members (network, weight) of ensemble ``name`` as Triton serves them: the networks whose window steps
+    it runs, in order, and the weights its fuse step applies. None when the repository has no model ``name``;
+    a model that is not a sliding-window ensemble like :func:`write_ensemble` writes is an InputError."""
+    folder = Path(repository) / name
+    if not folder.exists():
+        return None
+    config = read_config(folder / "config.pbtxt")
+    if config.platform != "ensemble":
+        raise InputError(f"{folder} is a model, not an ensemble")
+    models = [step.model_name for step in config.ensemble_scheduling.step]
+    if len(models) < 2 or models[-1] != fuse_name(name) or not all(m.endswith(WINDOW_SUFFIX) for m in models[:-1]):
+        raise InputError(f"{folder}: not a sliding-window ensemble with its fuse step {fuse_name(name)!r} "
+                         f"(steps {models})")
+    members = [model[: -len(WINDOW_SUFFIX)] for model in models[:-1]]
+    fuse = read_config(Path(repository) / fuse_name(name) / "config.pbtxt")
+    weights = [float(w) for w in fuse.parameters["WEIGHTS"].string_value.split(",") if w.strip()]
+    if len(weights) != len(members):
+        raise InputError(f"{folder}: {len(members)} members but {len(weights)} weights in {fuse_name(name)!r}")
+    return list(zip(members, weights))
+
+
+def list_ensembles(repository: str | os.PathLike) -> dict[str, list[tuple[str, float]]]:
+    """Every ensemble in ``repository`` with its members (:func:`read_ensemble`), by name."""
+    repository = Path(repository)
+    if not repository.is_dir():
+        return {}
+    ensembles = {}
+    for config_path in sorted(repository.glob("*/config.pbtxt")):
+        if read_config(config_path).platform == "ensemble":
+            ensembles[config_path.parent.name] = read_ensemble(repository, config_path.parent.name)
+    return ensembles
 
 
 def check_model_name(name: str) -> None:

@@ -213,7 +213,7 @@ def test_python_backend_configs_load_and_answer_in_triton(tiny_checkpoint, netwo
     repository = tmp_path / "repo"
     for name, precision in [("full", "fp32"), ("half", "fp16")]:
         assert export_main([str(tiny_checkpoint), "--repository", str(repository), "--name", name,
-                            "--precision", precision]) == 0
+                            "--precision", precision, "--member", "segment"]) == 0
     tiles = raw_hu(8, [(3, 48, 48)])[0]
     volume = np.random.default_rng(9).integers(-300, 400, size=(4, 40, 56)).astype(np.int16)
     process, grpc_url, _ = start_serve(repository, log_dir=tmp_path / "logs")

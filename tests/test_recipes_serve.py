@@ -34,7 +34,7 @@ def repository(mixed_phantoms, tmp_path_factory):
         assert train_main([recipe, "--data", str(mixed_phantoms), "--out", str(out), "--preset", "tiny",
                            "--no-progress", "--set", "epochs=1", "--set", "iterations_per_epoch=2"]) == 0
         assert export_main([str(out / "best.pt"), "--repository", str(repo),
-                            "--name", recipe.replace("-", "_")]) == 0
+                            "--name", recipe.replace("-", "_"), "--member", "segment"]) == 0
     return repo
 
 

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from triton_utils import write_pixel_network
 from tritonclient.grpc import model_config_pb2
 
-from mixsup.contract import ModelContract
+from mixsup.contract import ModelContract, TensorSpec
 from mixsup.errors import InputError
 from mixsup.repository import (
     LIBTORCH,
@@ -19,7 +19,10 @@ from mixsup.repository import (
     TENSORRT_PLAN,
     ShapeProfile,
     TensorRTAccelerator,
+    list_ensembles,
     list_networks,
+    read_ensemble,
+    write_auxiliary,
     write_ensemble,
     write_network,
 )
@@ -27,8 +30,9 @@ from mixsup.repository import (
 COMMITTED = Path(__file__).resolve().parents[1] / "model_repository"
 KIND = model_config_pb2.ModelInstanceGroup.Kind.Value
 
-FP32, FP16, INT16, UINT8 = (model_config_pb2.DataType.Value(t) for t in ("TYPE_FP32", "TYPE_FP16", "TYPE_INT16",
-                                                                         "TYPE_UINT8"))
+FP32, FP16, INT16, UINT8, INT64 = (model_config_pb2.DataType.Value(t) for t in ("TYPE_FP32", "TYPE_FP16",
+                                                                                "TYPE_INT16", "TYPE_UINT8",
+                                                                                "TYPE_INT64"))
 
 
 def read_config(path):
@@ -302,3 +306,96 @@ def test_committed_repository_is_what_the_writer_writes(tmp_path):
     write_ensemble(tmp_path)
     for model in ["unet", "unet_window", "fuse", "segment"]:
         assert read_config(COMMITTED / model / "config.pbtxt") == read_config(tmp_path / model / "config.pbtxt"), model
+
+
+# ---------------------------------------------------------------------------------- ensembles read back, extras
+
+
+def test_read_ensemble_is_what_was_written(tmp_path, onnx_file, contract):
+    for name in ("a", "b", "c"):
+        write_network(tmp_path, name, onnx_file, contract)
+    write_ensemble(tmp_path, [("b", 2.5), ("a", 1.0)])
+    write_ensemble(tmp_path, [("c", 0.25)], name="folds")
+    assert read_ensemble(tmp_path, "segment") == [("b", 2.5), ("a", 1.0)]
+    assert list_ensembles(tmp_path) == {"folds": [("c", 0.25)], "segment": [("b", 2.5), ("a", 1.0)]}
+    assert read_ensemble(tmp_path, "nothing") is None
+    with pytest.raises(InputError, match="not an ensemble"):
+        read_ensemble(tmp_path, "a")
+    # the fuse step's weights are what Triton applies: an edited fuse is what read_ensemble reports
+    fuse = tmp_path / "folds_fuse" / "config.pbtxt"
+    fuse.write_text(fuse.read_text().replace('"0.25"', '"0.25,1.0"'))
+    with pytest.raises(InputError, match="1 members but 2 weights"):
+        read_ensemble(tmp_path, "folds")
+
+
+def test_committed_ensemble_reads_back():
+    assert read_ensemble(COMMITTED, "segment") == [("unet", 1.0)]
+
+
+@pytest.fixture
+def annotator_contract():
+    return ModelContract(kind="annotator", input_name="image", size_divisor=16, recipe="teacher-student",
+                         extra_inputs=(TensorSpec("boxes", "float32", ("N", 2, "h", "w"), "box masks"),))
+
+
+def test_annotator_entry(tmp_path, onnx_file, contract, annotator_contract):
+    write_network(tmp_path, "net", onnx_file, contract)
+    write_ensemble(tmp_path)
+    write_auxiliary(tmp_path, "annotator", onnx_file, annotator_contract, instance_count=2)
+    config = read_config(tmp_path / "annotator" / "config.pbtxt")
+    assert (config.backend, config.max_batch_size, config.instance_group[0].count) == ("python", 16, 2)
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("image", FP32, [3, -1, -1]),
+                                                                          ("boxes", FP32, [2, -1, -1])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("probabilities", FP32, [3, -1, -1])]
+    assert ModelContract.from_json(parameters(config)["contract"]) == annotator_contract
+    assert ModelContract.load(tmp_path / "annotator" / "1") == annotator_contract
+    assert "mixsup.serving.triton.onnx_model import" in (tmp_path / "annotator" / "1" / "model.py").read_text()
+    # beside the ensembles, never in one
+    assert list_networks(tmp_path) == ["net"] and list_networks(tmp_path, "annotator") == ["annotator"]
+    with pytest.raises(InputError, match="only segmentation networks join an ensemble|no 'annotator_window'"):
+        write_ensemble(tmp_path, [("net", 1.0), ("annotator", 1.0)])
+    with pytest.raises(InputError, match="already exists"):
+        write_auxiliary(tmp_path, "annotator", onnx_file, annotator_contract)
+    with pytest.raises(InputError, match="write_network"):
+        write_auxiliary(tmp_path, "other", onnx_file, contract)
+
+
+def test_network_extras_sit_beside_their_network(tmp_path, onnx_file, contract):
+    detection = contract.replace(kind="detection", extra_outputs=(
+        TensorSpec("detection_boxes", "float32", ("N", 7, 4)), TensorSpec("detection_classes", "int64", ("N", 7))))
+    with pytest.raises(InputError, match="after a network"):
+        write_auxiliary(tmp_path, "net_detection", onnx_file, detection)  # no network yet
+    write_network(tmp_path, "net", onnx_file, contract)
+    with pytest.raises(InputError, match="<network>_detection"):
+        write_auxiliary(tmp_path, "net_extra", onnx_file, detection)
+    write_auxiliary(tmp_path, "net_detection", onnx_file, detection)
+    config = read_config(tmp_path / "net_detection" / "config.pbtxt")
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [
+        ("probabilities", FP32, [3, -1, -1]), ("detection_boxes", FP32, [7, 4]), ("detection_classes", INT64, [7])]
+    assert list_networks(tmp_path) == ["net"]
+    # the name is taken as a whole: a re-export needs --replace and then leaves no extra of the old one behind
+    with pytest.raises(InputError, match="already exists"):
+        write_network(tmp_path, "net", onnx_file, contract, replace=False)
+    write_network(tmp_path, "net", onnx_file, contract, replace=True)
+    assert not (tmp_path / "net_detection").exists()
+
+
+@pytest.mark.parametrize("name", ["x_detection", "x_confidence", "x_fuse", "segment"])
+def test_names_of_the_repositorys_own_entries_are_refused(tmp_path, onnx_file, contract, name):
+    with pytest.raises(InputError, match="clash"):
+        write_network(tmp_path, name, onnx_file, contract)
+
+
+def test_segmentation_contract_stays_readable_by_format_1_readers(annotator_contract):
+    """Fields added after format 1 are written only when used, so a segmentation network's contract has exactly
+    the keys an older client knows, and the others round-trip."""
+    format_1_keys = {"class_names", "patch_size", "spacing_mm", "context_slices", "hu_window", "input_name",
+                     "input_layout", "input_units", "output_name", "output", "opset", "precision", "recipe",
+                     "checkpoint", "extra", "format_version"}
+    assert set(ModelContract(recipe="unet").to_dict()) == format_1_keys
+    assert ModelContract.from_json(annotator_contract.to_json()) == annotator_contract
+    assert {"kind", "extra_inputs", "size_divisor"} <= set(annotator_contract.to_dict())
+    with pytest.raises(InputError, match="unknown kind"):
+        ModelContract.from_dict({"kind": "classifier"})
+    with pytest.raises(InputError, match="repeat"):
+        ModelContract.from_dict({"extra_inputs": [{"name": "input", "dtype": "float32", "shape": ["N"]}]})
