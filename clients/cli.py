@@ -8,6 +8,9 @@
   default beside the input as ``<stem>_seg.nii.gz``; an output ending in ``.dcm`` is a DICOM SEG referencing the
   source images (DICOM input only). Probabilities are 16-bit, the preview is a PNG montage, the stats are JSON
   (:mod:`mixsup.clients.outputs`). Every file is replaced atomically; the input itself is never overwritten.
+* ``mixsup-client annotate SCAN --boxes BOXES.json -o OUT.nii.gz [--model annotator]`` -- "draw a box, get a
+  mask": the teacher-student teacher served as a box-prompted annotator labels the slices that carry boxes; the
+  labels are kept inside the boxes only (:mod:`mixsup.clients.annotate` has the box format and the rules).
 * ``mixsup-client health`` -- one line of readiness; exit 0 when the server and the model are ready, else 3.
 * ``mixsup-client batch INPUT... -o OUT_DIR [--url A --url B] [--jobs N] [--retry-seconds S] [--overwrite]`` --
   INPUTs are folders (walked recursively), globs, CSV or text lists (:mod:`mixsup.clients.inputs`); the run is
@@ -29,6 +32,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from mixsup.clients.annotate import DEFAULT_ANNOTATOR_MODEL, AnnotatorClient, check_boxes_shape, load_boxes
 from mixsup.clients.batch import BatchOptions, batch_exit_code, run_batch
 from mixsup.clients.client import SegmentationClient
 from mixsup.clients.inputs import case_name, collect_cases, unique_cases
@@ -47,7 +51,7 @@ from mixsup.dicom import dicom_source
 from mixsup.dicom_seg import check_seg_possible
 from mixsup.errors import EXIT_OK, EXIT_UNAVAILABLE, InputError, add_debug_flag, run_command
 from mixsup.readers import read_scan
-from mixsup.scan import Scan, is_nifti
+from mixsup.scan import Scan, is_nifti, write_nifti
 
 PROG = "mixsup-client"
 OUTPUT_SUFFIX = "_seg"
@@ -227,10 +231,37 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return batch_exit_code(results)
 
 
+# -- annotate -----------------------------------------------------------------------------------------------------
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    scan_path = Path(args.scan)
+    if not scan_path.exists():
+        raise InputError(f"{scan_path}: no such file or folder")
+    output = Path(args.output)
+    check_output_path(output, scan_path, "output", ".nii or .nii.gz", is_nifti(output))
+    boxes, boxes_shape = load_boxes(args.boxes)  # bad boxes or a bad scan exit 2 before the server is contacted
+    scan = read_scan(scan_path, args.series)
+    check_boxes_shape(scan, boxes_shape)
+    source = dicom_source(scan)
+    if source is not None and source.note:
+        print(f"{PROG}: {source.note}", file=sys.stderr)
+    _check_timeouts(args)
+    start = time.perf_counter()
+    with AnnotatorClient(args.url, args.model, args.timeout, args.connect_timeout) as client:
+        client.ensure_ready()
+        labels = client.annotate_scan(scan, boxes, boxes_shape)
+    write_nifti(output, labels, scan.affine)
+    slices = len({box.slice for box in boxes})
+    print(f"{output}: {slices} slice(s) annotated from {len(boxes)} box(es), liver {int((labels == 1).sum())} "
+          f"lesion {int((labels == 2).sum())} voxels ({time.perf_counter() - start:.1f} s)")
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------------------------------------
 
 
-def _server_options(several_urls: bool = False) -> argparse.ArgumentParser:
+def _server_options(several_urls: bool = False, model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     if several_urls:
         options.add_argument(
@@ -241,7 +272,7 @@ def _server_options(several_urls: bool = False) -> argparse.ArgumentParser:
         options.add_argument(
             "--url", default=DEFAULT_URL, help=f"Triton gRPC endpoint HOST:PORT (default {DEFAULT_URL})"
         )
-    options.add_argument("--model", default=DEFAULT_MODEL, help=f"served model name (default {DEFAULT_MODEL})")
+    options.add_argument("--model", default=model, help=f"served model name (default {model})")
     options.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds one inference may take (default %(default)g)"
     )
@@ -315,6 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--stats", action="store_true", help="also write <case>_stats.json")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
     batch.set_defaults(handler=cmd_batch)
+
+    annotate = commands.add_parser(
+        "annotate", parents=[_server_options(model=DEFAULT_ANNOTATOR_MODEL)],
+        help="draw a box, get a mask: label one scan from organ and lesion boxes with the served annotator",
+    )
+    annotate.add_argument(
+        "scan", metavar="SCAN", help="a .nii / .nii.gz file, or DICOM: a series folder, a .zip of one, or a file"
+    )
+    annotate.add_argument(
+        "--boxes", required=True, metavar="BOXES.json",
+        help="boxes file as mixsup-data phantoms writes it (boxes/boxes-N.json): per-slice organ (1) and lesion (2) "
+        "boxes on the scan's canonical [D, H, W] grid",
+    )
+    annotate.add_argument("-o", "--output", required=True, help="label map to write (.nii / .nii.gz)")
+    annotate.add_argument(
+        "--series", metavar="UID", help="SeriesInstanceUID to annotate when the DICOM input holds several series"
+    )
+    annotate.set_defaults(handler=cmd_annotate)
     return parser
 
 
