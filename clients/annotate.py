@@ -14,11 +14,11 @@ boxes, and the answer is cropped back. Requests hold at most :data:`MAX_BATCH` s
 ``max_batch_size``). Only slices with at least one box are sent; every other slice gets label 0.
 
 The boxes come in the project's boxes-file format, as ``mixsup-data phantoms`` writes ``boxes/boxes-N.json``
-(:mod:`mixsup.training.data.boxes`): ``{"frame": "canonical", "shape": [D, H, W], "boxes": [[slice, label, y0, x0,
-y1, x1], ...]}``, half-open pixel ranges on the *canonical* ``[D, H, W]`` array of the stored scan
-(:meth:`mixsup.scan.Scan.canonical`, before any resampling), label 1 organ and 2 lesion. The client never imports
-``mixsup.training`` (nor torch), so the JSON reading is reimplemented here (:func:`boxes_from_json`), with the same
-checks and messages as the training reader.
+(:mod:`mixsup.boxes`): ``{"frame": "canonical", "shape": [D, H, W], "boxes": [[slice, label, y0, x0, y1, x1],
+...]}``, half-open pixel ranges on the *canonical* ``[D, H, W]`` array of the stored scan
+(:meth:`mixsup.scan.Scan.canonical`, before any resampling), label 1 organ and 2 lesion. The client reads them with
+the core reader that training uses too (it never imports ``mixsup.training``, nor torch), and accepts only those
+two labels.
 
 The labels are *not* post-processed like ``segment``'s: the annotator's argmax is kept inside the boxes only -- the
 organ label (1) only within the organ boxes, the lesion label (2) only within the lesion boxes; anything else
@@ -27,17 +27,18 @@ after the labels are brought back to it.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from mixsup.boxes import BOXES_FORMAT_FRAME, Box  # noqa: F401  (BOXES_FORMAT_FRAME: re-exported)
+from mixsup.boxes import boxes_from_json as _boxes_from_json
+from mixsup.boxes import load_boxes as _load_boxes
 from mixsup.clients.client import SegmentationClient
 from mixsup.clients.pipeline import Restore, prepare_volume, restore_labels
 from mixsup.clients.protocol import (
@@ -60,67 +61,19 @@ BOXES_INPUT = "boxes"
 PROBABILITIES_OUTPUT = "probabilities"
 #: The annotator's ``max_batch_size``: slices per request.
 MAX_BATCH = 16
-#: The boxes file's ``frame`` (as :data:`mixsup.training.data.boxes.BOXES_FORMAT_FRAME`).
-BOXES_FORMAT_FRAME = "canonical"
 
 
 # -- the boxes file -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Box:
-    """A rectangle ``[y0, y1) x [x0, x1)`` on axial slice ``slice`` of a canonical grid, for class ``label``."""
-
-    slice: int
-    label: int
-    y0: int
-    x0: int
-    y1: int
-    x1: int
-
-
 def boxes_from_json(document: object, source: str = "boxes") -> tuple[list[Box], tuple[int, int, int]]:
-    """Parse and check a boxes-file document; returns the boxes and the canonical ``[D, H, W]`` they belong to.
-
-    A copy of :func:`mixsup.training.data.boxes.boxes_from_json` (the client must not import training), plus a
-    check that each label is the organ's (1) or the lesion's (2). Raises :class:`InputError`.
-    """
-    if not isinstance(document, dict) or document.get("frame") != BOXES_FORMAT_FRAME:
-        raise InputError(f"{source}: not a boxes file (expected \"frame\": \"{BOXES_FORMAT_FRAME}\")")
-    shape = document.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 3
-            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
-        raise InputError(f"{source}: \"shape\" must be [D, H, W], got {shape!r}")
-    depth, height, width = shape
-    entries = document.get("boxes", [])
-    if not isinstance(entries, list):
-        raise InputError(f"{source}: \"boxes\" must be a list of [slice, label, y0, x0, y1, x1]")
-    boxes = []
-    for entry in entries:
-        if not (isinstance(entry, list) and len(entry) == 6
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in entry)):
-            raise InputError(f"{source}: a box must be [slice, label, y0, x0, y1, x1] integers, got {entry!r}")
-        box = Box(*entry)
-        if box.label not in (ORGAN_LABEL, LESION_LABEL):
-            raise InputError(f"{source}: box {entry} has label {box.label}; expected {ORGAN_LABEL} (organ) or "
-                             f"{LESION_LABEL} (lesion)")
-        if not (0 <= box.slice < depth and 0 <= box.y0 < box.y1 <= height and 0 <= box.x0 < box.x1 <= width):
-            raise InputError(f"{source}: box {entry} lies outside the image of shape {shape}")
-        boxes.append(box)
-    return boxes, (depth, height, width)
+    """:func:`mixsup.boxes.boxes_from_json`, accepting only organ (1) and lesion (2) boxes."""
+    return _boxes_from_json(document, source, known_labels_only=True)
 
 
 def load_boxes(path: str | os.PathLike) -> tuple[list[Box], tuple[int, int, int]]:
-    """Read a boxes file (:func:`boxes_from_json`); :class:`InputError` if it is missing or malformed."""
-    path = Path(path)
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such boxes file") from None
-    except (OSError, ValueError) as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise InputError(f"{path}: not a readable boxes file ({first_line})") from None
-    return boxes_from_json(document, str(path))
+    """:func:`mixsup.boxes.load_boxes`, accepting only organ (1) and lesion (2) boxes."""
+    return _load_boxes(path, known_labels_only=True)
 
 
 # -- boxes between grids ------------------------------------------------------------------------------------------

@@ -1,20 +1,49 @@
 """What the python-backend adapters share, kept free of ``triton_python_backend_utils`` so it is testable.
 
-Reading a model's ``parameters``, turning exceptions into the one-line message of an error response, and
-running the requests of one dynamic batch as a single network call.
+Reading a model's ``parameters``, opening a model version's contract and ONNX Runtime session, turning exceptions
+into the one-line message of an error response, and running the requests of one dynamic batch as a single network
+call.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mixsup.contract import ModelContract
 from mixsup.errors import MixsupError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 def model_parameters(model_config: Mapping) -> dict[str, str]:
     """The ``parameters`` of a Triton model config (as the JSON the python backend hands over) as strings."""
     return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
+
+
+def load_onnx_model(args: Mapping) -> tuple[ModelContract, ort.InferenceSession]:
+    """The contract and ONNX Runtime session of the ``model.onnx`` version Triton's ``initialize`` ``args`` name.
+
+    Parameters: DEVICE (auto|cpu|cuda|tensorrt), INTRA_OP_THREADS (0 = ONNX Runtime's default), TRT_CACHE_DIR
+    (default: ``trt_cache`` beside the model), FP16 (TensorRT only).
+    """
+    # Imported here: the adapters that run no ONNX model (fuse, window) do not load onnxruntime.
+    from mixsup.serving.runtime import create_session
+
+    parameters = model_parameters(json.loads(args["model_config"]))
+    version_dir = Path(args["model_repository"]) / args["model_version"]
+    contract = ModelContract.load(version_dir)
+    session = create_session(
+        version_dir / "model.onnx",
+        device=parameters.get("DEVICE") or "auto",
+        intra_op_threads=int(parameters.get("INTRA_OP_THREADS") or 0),
+        trt_cache_dir=parameters.get("TRT_CACHE_DIR") or version_dir / "trt_cache",
+        fp16=parse_bool(parameters.get("FP16", "")),
+    )
+    return contract, session
 
 
 def required_parameter(parameters: Mapping[str, str], key: str) -> str:

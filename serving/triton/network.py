@@ -6,20 +6,10 @@ Parameters: DEVICE (auto|cpu|cuda|tensorrt), INTRA_OP_THREADS (0 = ONNX Runtime'
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mixsup.contract import ModelContract
-from mixsup.serving.runtime import create_session
-from mixsup.serving.triton.common import (
-    model_parameters,
-    one_line,
-    parse_bool,
-    predict_grouped,
-)
+from mixsup.serving.triton.common import load_onnx_model, one_line, predict_grouped
 
 INPUT = "input"
 OUTPUT = "probabilities"
@@ -27,16 +17,7 @@ OUTPUT = "probabilities"
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        parameters = model_parameters(json.loads(args["model_config"]))
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.contract = ModelContract.load(version_dir)
-        self.session = create_session(
-            version_dir / "model.onnx",
-            device=parameters.get("DEVICE") or "auto",
-            intra_op_threads=int(parameters.get("INTRA_OP_THREADS") or 0),
-            trt_cache_dir=parameters.get("TRT_CACHE_DIR") or version_dir / "trt_cache",
-            fp16=parse_bool(parameters.get("FP16", "")),
-        )
+        self.contract, self.session = load_onnx_model(args)
         self.input_name = self.session.get_inputs()[0].name
         outputs = [output.name for output in self.session.get_outputs()]
         self.output_name = self.contract.output_name if self.contract.output_name in outputs else outputs[0]

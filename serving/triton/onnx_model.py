@@ -8,16 +8,12 @@ INTRA_OP_THREADS (0 = ONNX Runtime's default), TRT_CACHE_DIR, FP16 (TensorRT onl
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mixsup.contract import ModelContract
-from mixsup.serving.runtime import create_session
-from mixsup.serving.triton.common import model_parameters, one_line, parse_bool
+from mixsup.serving.triton.common import load_onnx_model, one_line
 
 Tensors = dict[str, np.ndarray]
 
@@ -57,16 +53,7 @@ def run_grouped(run: Callable[[Tensors], Tensors],
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        parameters = model_parameters(json.loads(args["model_config"]))
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.contract = ModelContract.load(version_dir)
-        self.session = create_session(
-            version_dir / "model.onnx",
-            device=parameters.get("DEVICE") or "auto",
-            intra_op_threads=int(parameters.get("INTRA_OP_THREADS") or 0),
-            trt_cache_dir=parameters.get("TRT_CACHE_DIR") or version_dir / "trt_cache",
-            fp16=parse_bool(parameters.get("FP16", "")),
-        )
+        self.contract, self.session = load_onnx_model(args)
         self.inputs = [spec.name for spec in self.contract.inputs]
         self.outputs = [spec.name for spec in self.contract.outputs]
         graph = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])

@@ -1,4 +1,6 @@
-"""Per-slice bounding boxes: derived from masks, drawn back as masks, perturbed, and saved as JSON.
+"""Per-slice bounding boxes: derived from masks, drawn back as masks, and perturbed.
+
+The :class:`Box` model and the boxes file (JSON) are :mod:`mixsup.boxes`'s, re-exported here.
 
 Weakly supervised scans carry only boxes; strong scans get theirs from the mask. Boxes live on the canonical
 ``[D, H, W]`` grid of :mod:`mixsup.scan` and are half-open pixel ranges ``[y0, y1) x [x0, x1)`` of one axial
@@ -7,45 +9,27 @@ gets one rectangle per 2D connected component (8-connectivity), as in the teache
 """
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import astuple, dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from mixsup.errors import InputError
-from mixsup.files import atomic_path
-
-ORGAN, LESION = 1, 2
-BOXES_FORMAT_FRAME = "canonical"
+# The box model and the boxes file live in the core (the client reads boxes files too); re-exported here.
+from mixsup.boxes import (  # noqa: F401
+    BOXES_FORMAT_FRAME,
+    LESION,
+    ORGAN,
+    Box,
+    boxes_from_json,
+    boxes_to_json,
+    load_boxes,
+    save_boxes,
+)
 
 #: (scale range, largest vertex move as a fraction of the side) per label, from the paper's robustness study.
 PERTURBATION = {ORGAN: ((0.95, 1.1), 1 / 20), LESION: ((0.9, 1.2), 1 / 10)}
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
-
-@dataclass(frozen=True)
-class Box:
-    """A rectangle ``[y0, y1) x [x0, x1)`` on axial slice ``slice`` of the canonical grid, for class ``label``."""
-
-    slice: int
-    label: int
-    y0: int
-    x0: int
-    y1: int
-    x1: int
-
-    @property
-    def height(self) -> int:
-        return self.y1 - self.y0
-
-    @property
-    def width(self) -> int:
-        return self.x1 - self.x0
 
 
 def boxes_from_labels(labels: np.ndarray) -> list[Box]:
@@ -101,52 +85,3 @@ def perturb_box(box: Box, rng: np.random.Generator, shape: Sequence[int]) -> Box
 def perturb_boxes(boxes: Iterable[Box], rng: np.random.Generator, shape: Sequence[int]) -> list[Box]:
     """:func:`perturb_box` applied to every box (``shape`` is ``[D, H, W]`` or ``[H, W]``)."""
     return [perturb_box(box, rng, shape) for box in boxes]
-
-
-# --------------------------------------------------------------------------------------------------- JSON
-def boxes_to_json(boxes: Iterable[Box], shape: Sequence[int]) -> dict:
-    """The boxes-file document: ``{"frame": "canonical", "shape": [D, H, W], "boxes": [[slice, label, y0, x0, y1, x1], ...]}``."""
-    return {
-        "frame": BOXES_FORMAT_FRAME,
-        "shape": [int(n) for n in shape],
-        "boxes": [list(astuple(box)) for box in boxes],
-    }
-
-
-def boxes_from_json(document: dict, source: str = "boxes") -> tuple[list[Box], tuple[int, int, int]]:
-    """Parse and check a boxes-file document; returns the boxes and the canonical shape they belong to."""
-    if not isinstance(document, dict) or document.get("frame") != BOXES_FORMAT_FRAME:
-        raise InputError(f"{source}: not a boxes file (expected \"frame\": \"{BOXES_FORMAT_FRAME}\")")
-    shape = document.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
-        raise InputError(f"{source}: \"shape\" must be [D, H, W], got {shape!r}")
-    depth, height, width = shape
-    boxes = []
-    for entry in document.get("boxes", []):
-        if not (isinstance(entry, list) and len(entry) == 6 and all(isinstance(v, int) for v in entry)):
-            raise InputError(f"{source}: a box must be [slice, label, y0, x0, y1, x1] integers, got {entry!r}")
-        box = Box(*entry)
-        if not (0 <= box.slice < depth and 0 <= box.y0 < box.y1 <= height and 0 <= box.x0 < box.x1 <= width):
-            raise InputError(f"{source}: box {entry} lies outside the image of shape {shape}")
-        boxes.append(box)
-    return boxes, (depth, height, width)
-
-
-def save_boxes(path: str | os.PathLike, boxes: Iterable[Box], shape: Sequence[int]) -> Path:
-    """Write a boxes file atomically."""
-    path = Path(path)
-    with atomic_path(path, ".json") as tmp:
-        tmp.write_text(json.dumps(boxes_to_json(boxes, shape), separators=(",", ":")))
-    return path
-
-
-def load_boxes(path: str | os.PathLike) -> tuple[list[Box], tuple[int, int, int]]:
-    """Read a boxes file; InputError if it is missing or malformed."""
-    path = Path(path)
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such boxes file") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable boxes file ({exc})") from None
-    return boxes_from_json(document, str(path))
