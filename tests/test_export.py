@@ -170,6 +170,44 @@ def test_tensorrt_without_tensorrt_is_one_line_exit_2(tiny_checkpoint, tmp_path,
     assert not repository.exists()
 
 
+def run_engine(plan_path, input_name: str, hu: np.ndarray) -> np.ndarray:
+    """Run a serialized TensorRT engine on CUDA (torch tensors hold the buffers) and return its probabilities."""
+    import tensorrt as trt
+
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan_path.read_bytes())
+    context = engine.create_execution_context()
+    context.set_input_shape(input_name, hu.shape)
+    source = torch.from_numpy(hu).cuda().contiguous()
+    output_name = next(engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
+                       if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT)
+    result = torch.empty(tuple(context.get_tensor_shape(output_name)), dtype=torch.float32, device="cuda")
+    context.set_tensor_address(input_name, source.data_ptr())
+    context.set_tensor_address(output_name, result.data_ptr())
+    stream = torch.cuda.Stream()
+    assert context.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    return result.cpu().numpy()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 1e-2)])
+def test_tensorrt_engine_matches_onnx(tiny_checkpoint, tmp_path, precision, tolerance):
+    reason = tensorrt_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"TensorRT engine path: {reason}")
+    repository = tmp_path / "repo"
+    assert export_main([str(tiny_checkpoint), "--repository", str(repository), "--name", "trt",
+                        "--format", "tensorrt", "--precision", precision]) == 0
+    config = read_config(repository / "trt" / "config.pbtxt")
+    assert config.platform == "tensorrt_plan"
+    onnx_repository = tmp_path / "onnx"
+    assert export_main([str(tiny_checkpoint), "--repository", str(onnx_repository), "--name", "net"]) == 0
+    for hu in raw_hu(7, [(1, 48, 48), (4, 64, 96)]):
+        expected = onnx_probabilities(onnx_repository / "net" / "1" / "model.onnx", hu)
+        got = run_engine(repository / "trt" / "1" / "model.plan", "input", hu)
+        assert np.abs(got - expected).max() <= tolerance
+
+
 def test_taken_name_is_refused_unless_replace(tiny_checkpoint, tmp_path, capsys):
     assert export_main([str(tiny_checkpoint), "--repository", str(tmp_path), "--name", "net"]) == 0
     before = files_under(tmp_path)
