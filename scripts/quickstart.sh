@@ -3,7 +3,7 @@
 # Dice against the phantom's own label, and stop the server. Usage: bash scripts/quickstart.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=$(bash scripts/install.sh)
+bin=$(bash scripts/install.sh all)
 export PATH="$bin:$PATH"
 grpc=${GRPC_PORT:-8001}
 
