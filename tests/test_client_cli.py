@@ -15,8 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from cli_utils import run_cli
 
-from mixsup.clients.cli import default_output_path, main
+from mixsup.clients.cli import default_output_path
 from mixsup.clients.client import SegmentationClient, normalize_url
 from mixsup.clients.inputs import collect_cases
 from mixsup.contract import ModelContract
@@ -50,16 +51,6 @@ def write_scan(path, shape=(24, 20, 6), affine=None, seed=0):
     voxels[0, 0, 0] = 100 + seed  # a stray liver voxel: post-processing must remove it
     nib.save(nib.Nifti1Image(voxels, affine), str(path))
     return voxels, affine
-
-
-def run_cli(capsys, *argv):
-    """Run ``mixsup-client argv`` in-process; argparse's usage errors exit through SystemExit like the script."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # -- no server needed ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 import tomllib
+from cli_utils import run_cli
 from dicom_phantoms import (
     OPTIONAL_PHI,
     PATIENT_ID,
@@ -46,7 +47,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from mixsup.clients.cli import default_output_path, main, segment_file
+from mixsup.clients.cli import default_output_path, segment_file
 from mixsup.dicom_seg import write_dicom_seg
 from mixsup.errors import InputError
 from mixsup.readers import read_scan
@@ -65,15 +66,6 @@ LOSSLESS_SYNTAXES = [
     JPEGLSLossless,
     JPEG2000Lossless,
 ]
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def unused_url() -> str:
