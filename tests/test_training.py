@@ -242,3 +242,31 @@ def test_log_header_covers_every_stage(tmp_path):
     rows = list(csv.DictReader((tmp_path / "log.csv").open()))
     assert rows[1]["localization"] == "0.2" and rows[0]["localization"] == ""
     assert [r["stage"] for r in rows] == ["teacher", "student"]
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(phantoms, tiny_checkpoint, tmp_path):
+    """Fine-tuning: with a zero learning rate the new run keeps the given weights exactly (a run that ignored
+    --init-from would hold its own random initialisation), and its checkpoint says where it started."""
+    out = tmp_path / "tuned"
+    argv = ["unet", "--data", str(phantoms), "--out", str(out), "--preset", "tiny", "--no-progress",
+            "--set", "epochs=1", "--set", "learning_rate=0.0", "--init-from", str(tiny_checkpoint)]
+    assert train_main(argv) == 0
+    tuned, source = load_checkpoint(out / "last.pt"), load_checkpoint(tiny_checkpoint)
+    weights = [k for k, v in source["state_dict"].items() if v.dtype.is_floating_point and "running" not in k]
+    assert weights
+    for key in weights:
+        torch.testing.assert_close(tuned["state_dict"][key], source["state_dict"][key], rtol=0, atol=0)
+    assert tuned["initialized_from"] == str(tiny_checkpoint)
+    assert tuned["epoch"] == 1
+
+
+def test_init_from_refuses_another_network_shape(phantoms, tiny_checkpoint, tmp_path, capsys):
+    argv = ["unet", "--data", str(phantoms), "--out", str(tmp_path / "run"), "--preset", "tiny", "--no-progress",
+            "--set", "base_channels=6", "--init-from", str(tiny_checkpoint)]
+    assert_refused_in_one_line(argv, capsys, "network differs")
+
+
+def test_init_from_and_resume_exclude_each_other(phantoms, tiny_checkpoint, tmp_path, capsys):
+    argv = ["unet", "--data", str(phantoms), "--out", str(tmp_path / "run"), "--preset", "tiny", "--no-progress",
+            "--init-from", str(tiny_checkpoint), "--resume", str(tiny_checkpoint)]
+    assert_refused_in_one_line(argv, capsys, "exclude")

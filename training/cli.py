@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="default", help="tiny (smoke runs) or default")
     parser.add_argument("--config", type=Path, help="JSON or TOML file of config keys (flags and --set win)")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint (usually OUT/last.pt)")
+    parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                        help="start from this run's weights (fine-tuning: new optimizer and schedule, epoch 0)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set epochs=40 --set spacing_mm=[2,2]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines still print)")
@@ -40,7 +42,8 @@ def handle(args: argparse.Namespace) -> int:
     config = config.override(args.overrides, options)
     config = config.updated({"options": {**recipe.DEFAULTS, **config.options}})
     manifest = load_dataset(args.data)
-    best = train(recipe, manifest, args.out, config, resume=args.resume, progress=not args.no_progress)
+    best = train(recipe, manifest, args.out, config, resume=args.resume, progress=not args.no_progress,
+                 init_from=args.init_from)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"mixsup-train: best checkpoint {best}")
     return 0

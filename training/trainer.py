@@ -255,6 +255,22 @@ def check_resumable(payload: dict, path: Path, recipe_name: str, manifest: Manif
                          "resume with the same --data")
 
 
+def load_initial_weights(modules: nn.ModuleDict, path: Path, recipe_name: str) -> None:
+    """Load a checkpoint's weights into a new run's ``modules``: same recipe, same network shapes, or a one-line
+    refusal (a partial load would silently train half a network from scratch)."""
+    payload = load_checkpoint(path)
+    if payload.get("recipe") != recipe_name:
+        raise InputError(f"{path}: weights of recipe {payload.get('recipe')!r} cannot initialise a {recipe_name!r} run")
+    own = modules.state_dict()
+    theirs = payload["state_dict"]
+    mismatched = sorted(k for k in own.keys() | theirs.keys()
+                        if k not in own or k not in theirs or own[k].shape != theirs[k].shape)
+    if mismatched:
+        raise InputError(f"{path}: its network differs from this run's ({len(mismatched)} tensors, e.g. "
+                         f"{mismatched[0]!r}); use the same base_channels, depth and recipe options")
+    modules.load_state_dict(theirs)
+
+
 def network_from_checkpoint(payload: dict) -> nn.Module:
     """The exportable segmentation network of a checkpoint, rebuilt from its config, in eval mode."""
     from mixsup.training.recipes import get_recipe
@@ -366,8 +382,14 @@ def write_log(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, resume: Path | None = None,
-          progress: bool = True) -> Path:
-    """Train ``recipe`` on ``manifest``; writes ``last.pt``, ``best.pt`` and ``log.csv`` into ``out``."""
+          progress: bool = True, init_from: Path | None = None) -> Path:
+    """Train ``recipe`` on ``manifest``; writes ``last.pt``, ``best.pt`` and ``log.csv`` into ``out``.
+
+    ``resume`` continues a run where it stopped (weights, optimizers, schedule, RNG); ``init_from`` starts a new
+    run (fresh optimizers and schedule, epoch 0) from another run's weights: fine-tuning.
+    """
+    if resume is not None and init_from is not None:
+        raise InputError("--resume and --init-from exclude each other: resume continues a run, init-from starts one")
     parallel = init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     if config.threads:
@@ -393,6 +415,8 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
     contract = ModelContract(patch_size=(config.patch_size, config.patch_size), spacing_mm=config.spacing_mm,
                              recipe=recipe.NAME)
     state = {"stage": 0, "epoch": 0, "best_score": -float("inf"), "history": []}
+    if init_from is not None:
+        load_initial_weights(modules, init_from, recipe.NAME)
     if resumed is not None:
         modules.load_state_dict(resumed["state_dict"])
         rng.bit_generator.state = resumed["numpy_rng"][parallel.rank % len(resumed["numpy_rng"])]
@@ -462,6 +486,7 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                     "history": state["history"], "contract": contract.to_dict(),
                     "manifest_sha256": manifest.sha256(), "validation_cases": [c.case for c in validation_cases],
                     "world_size": parallel.world_size,
+                    "initialized_from": None if init_from is None else str(init_from),
                 }
                 save_checkpoint(out / "last.pt", payload)
                 if last_stage and score > state["best_score"]:
