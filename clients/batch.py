@@ -47,8 +47,10 @@ from mixsup.errors import (
     ServerUnavailable,
 )
 from mixsup.readers import read_scan
+from mixsup.scan import is_nifti
 
 LABELS_SUFFIX = "_seg.nii.gz"
+DICOM_SEG_SUFFIX = "_seg.dcm"
 PROBABILITIES_SUFFIX = "_prob.nii.gz"
 PREVIEW_SUFFIX = "_preview.png"
 STATS_SUFFIX = "_stats.json"
@@ -64,6 +66,8 @@ class BatchOptions:
     probabilities: bool = False
     preview: bool = False
     stats: bool = False
+    #: DICOM inputs get ``<case>_seg.dcm``, a DICOM SEG on the source series, instead of ``_seg.nii.gz``.
+    dicom_seg: bool = False
     overwrite: bool = False
     progress: bool | None = None  # None: a bar only when stderr is a terminal
     debug: bool = False
@@ -82,15 +86,19 @@ class CaseOutputs:
         return [path for path in (self.labels, self.probabilities, self.preview, self.stats) if path is not None]
 
 
-def case_outputs(case: str, options: BatchOptions) -> CaseOutputs:
-    """``OUT_DIR/<case>_seg.nii.gz`` and the optional ``_prob.nii.gz``, ``_preview.png``, ``_stats.json``."""
-    base = options.output_dir / case
+def case_outputs(case: CaseInput, options: BatchOptions) -> CaseOutputs:
+    """``OUT_DIR/<case>_seg.nii.gz`` (``_seg.dcm`` for a DICOM input with ``dicom_seg``) and the optional
+    ``_prob.nii.gz``, ``_preview.png``, ``_stats.json``. Known from the input's path alone, before it is read, so
+    that a re-run can tell a finished case without reading it."""
+    base = options.output_dir / case.case
+    # A SEG references its source series: a NIfTI input has none, so it keeps a NIfTI label map.
+    seg = options.dicom_seg and not is_nifti(case.path)
 
     def beside(suffix: str, wanted: bool) -> Path | None:
         return base.with_name(base.name + suffix) if wanted else None
 
     return CaseOutputs(
-        labels=beside(LABELS_SUFFIX, True),
+        labels=beside(DICOM_SEG_SUFFIX if seg else LABELS_SUFFIX, True),
         probabilities=beside(PROBABILITIES_SUFFIX, options.probabilities),
         preview=beside(PREVIEW_SUFFIX, options.preview),
         stats=beside(STATS_SUFFIX, options.stats),
@@ -151,7 +159,7 @@ class Reporter:
 
 def segment_case(case: CaseInput, pool: ServerPool, options: BatchOptions, report: Reporter) -> CaseResult:
     """Read, segment and write one case; every error becomes the case's status, never an exception."""
-    outputs = case_outputs(case.case, options)
+    outputs = case_outputs(case, options)
     started = time.perf_counter()
     attempts, server = 0, ""
     try:
@@ -200,7 +208,7 @@ def run_batch(
     summary = SummaryFile(options.output_dir / SUMMARY_FILENAME)
     done = {
         index for index, case in enumerate(cases)
-        if not options.overwrite and summary.is_done(case.case, case.path, case_outputs(case.case, options).all())
+        if not options.overwrite and summary.is_done(case.case, case.path, case_outputs(case, options).all())
     }
     results: dict[int, CaseResult] = {}
     for index in done:

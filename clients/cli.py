@@ -214,7 +214,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         pool = ServerPool(clients, retry_seconds=args.retry_seconds, notify=_note)
         options = BatchOptions(
             output_dir=output_dir, jobs=args.jobs, postprocess=not args.no_postprocess,
-            probabilities=args.probabilities, preview=args.preview, stats=args.stats, overwrite=args.overwrite,
+            probabilities=args.probabilities, preview=args.preview, stats=args.stats, dicom_seg=args.dicom_seg,
+            overwrite=args.overwrite,
             progress=False if args.no_progress else None, debug=args.debug,
         )
         results, skipped = run_batch(cases, pool, options, PROG)
@@ -344,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz (16-bit)")
     batch.add_argument("--preview", action="store_true", help="also write <case>_preview.png")
     batch.add_argument("--stats", action="store_true", help="also write <case>_stats.json")
+    batch.add_argument("--dicom-seg", action="store_true",
+                       help="DICOM inputs get <case>_seg.dcm, a DICOM SEG on the source series (NIfTI inputs: .nii.gz)")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
     batch.set_defaults(handler=cmd_batch)
 

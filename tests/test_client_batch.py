@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import triton_utils
 from dicom_phantoms import PATIENT_ID, PATIENT_NAME, write_series
+from pydicom.uid import JPEG2000Lossless
 from test_client_cli import (
     NETWORK,
     PIXEL_BIAS,
@@ -32,6 +33,7 @@ from test_client_cli import (
     segment_requests,
     write_scan,
 )
+from test_dicom import check_seg
 
 from mixsup.contract import ModelContract
 from mixsup.readers import read_scan
@@ -268,3 +270,48 @@ def test_scans_are_spread_over_two_servers(tmp_path, capsys, real_triton, pixel_
     assert {row["server"] for row in rows.values()} == {real_triton, second_url}
     for case, case_voxels in voxels.items():
         assert np.array_equal(labels_of(tmp_path / "out" / f"{case}_seg.nii.gz"), expected_labels(case_voxels))
+
+
+# -- DICOM in, DICOM SEG out, through the server ------------------------------------------------------------------
+
+
+def shuffled_jpeg2000_series(folder: Path) -> str:
+    """A JPEG 2000 (lossless) CT series whose file names are random, so neither name nor listing order says
+    where a slice lies; returns its SeriesInstanceUID."""
+    # 40 x 32: openjpeg's default five wavelet levels need at least 32 pixels a side.
+    volume = np.stack([np.kron(dicom_plane(), np.ones((2, 2), np.int16)) + 10 * k for k in range(5)])
+    datasets = write_series(folder, volume, JPEG2000Lossless, spacing=SPACING)
+    rng = np.random.default_rng(7)
+    for path in sorted(folder.iterdir()):
+        path.rename(folder / f"{rng.integers(1 << 40):x}.dcm")
+    return datasets[0].SeriesInstanceUID
+
+
+def test_a_shuffled_jpeg2000_series_becomes_a_dicom_seg(tmp_path, capsys, real_triton):
+    """The issue's acceptance case: segment and batch --dicom-seg write a SEG that references the source series
+    and holds, per source slice, the labels of the scan on its own grid; NIfTI inputs of the batch stay NIfTI."""
+    archive = tmp_path / "archive"
+    series_uid = shuffled_jpeg2000_series(archive / "p1" / "ct")
+    nifti = scan_at(archive / "p2" / "ct.nii.gz", seed=3)
+    scan = read_scan(archive / "p1" / "ct")
+    expected = expected_labels(scan.voxels)
+    assert set(np.unique(expected)) == {0, 1, 2}
+
+    code, _, err = run_cli(capsys, "segment", archive / "p1" / "ct", "-o", tmp_path / "seg.dcm", "--url", real_triton)
+    assert code == 0, err
+    check_seg(tmp_path / "seg.dcm", scan, expected, series_uid)
+
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(capsys, "batch", archive, "-o", out_dir, "--url", real_triton, "--dicom-seg",
+                             "--no-progress")
+    assert code == 0, err
+    assert sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*_seg.*")) == [
+        "p1/ct_seg.dcm", "p2/ct_seg.nii.gz"]
+    check_seg(out_dir / "p1" / "ct_seg.dcm", scan, expected, series_uid)
+    assert np.array_equal(labels_of(out_dir / "p2" / "ct_seg.nii.gz"), expected_labels(nifti))
+    assert summary_rows(out_dir)["p1/ct"]["output"].endswith("ct_seg.dcm")
+    # A re-run knows the SEG as the case's output: nothing is redone.
+    requests = segment_requests(real_triton)
+    code, out, _ = run_cli(capsys, "batch", archive, "-o", out_dir, "--url", real_triton, "--dicom-seg")
+    assert code == 0 and "2 already done" in out
+    assert segment_requests(real_triton) == requests
