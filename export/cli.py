@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from mixsup.errors import InputError, add_debug_flag, run_command
 from mixsup.export.parity import PARITY_TOLERANCE
+from mixsup.stacks import DEFAULT_MAX_SLICE
 
 if TYPE_CHECKING:  # pragma: no cover
     from mixsup.contract import ModelContract
@@ -39,8 +40,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FORMATS = ("onnx", "torchscript", "tensorrt")
 BACKENDS = ("python", "onnxruntime")
-#: Widest in-plane side the TensorRT engines accept: whole 512 x 512 slices.
-TENSORRT_MAX_SIDE = 512
 #: Tiles per request from the window step, and the most the network model takes at once (dynamic batching).
 WINDOW_BATCH, MAX_BATCH_SIZE = 8, 16
 
@@ -65,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="overwrite an existing model of this name (with its window and extras); an existing "
                              "ensemble it is not in gets it as its only member")
     parser.add_argument("--patch-size", type=int, help="sliding-window tile size (default: the checkpoint's)")
+    parser.add_argument("--max-slice", type=int, default=DEFAULT_MAX_SLICE, metavar="PIXELS",
+                        help="model-grid slices up to this size a side (after padding) are run whole, larger ones in "
+                             f"tiles of --patch-size; 0: always tiles (default {DEFAULT_MAX_SLICE})")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--instances", type=int, default=1, help="Triton instances of the network model")
     parser.add_argument("--no-ensemble", action="store_true", help="write the network and its window step only")
@@ -110,6 +112,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise InputError("--trt-cache-dir only applies with --tensorrt-accelerator")
     if args.format == "torchscript" and args.precision == "fp16":
         raise InputError("--precision fp16 is for --format onnx or tensorrt; TorchScript is exported in fp32")
+    if args.max_slice < 0:
+        raise InputError(f"--max-slice must be 0 (always tile) or more, got {args.max_slice}")
     if args.instances < 1:
         raise InputError(f"--instances must be at least 1, got {args.instances}")
     if args.weight is not None and args.member is None:
@@ -143,7 +147,8 @@ def detection_settings(args: argparse.Namespace) -> DetectionSettings:
 
 
 def export_contract(args: argparse.Namespace, payload: dict, divisor: int) -> ModelContract:
-    """The checkpoint's contract with what this export decides: patch size, opset, precision, checkpoint."""
+    """The checkpoint's contract with what this export decides: patch size, opset, precision, checkpoint, and the
+    network's size divisor (the window step pads whole slices to it)."""
     from mixsup.contract import ModelContract
 
     contract = ModelContract.from_dict(payload["contract"])
@@ -153,6 +158,7 @@ def export_contract(args: argparse.Namespace, payload: dict, divisor: int) -> Mo
     return contract.replace(
         patch_size=(patch, patch), opset=None if args.format == "torchscript" else args.opset,
         precision=args.precision, checkpoint=f"{args.checkpoint.name} sha256:{sha256_of(args.checkpoint)[:16]}",
+        size_divisor=divisor,
     )
 
 
@@ -219,9 +225,10 @@ def handle(args: argparse.Namespace) -> int:
     if args.keep_confidence:
         extras.append(confidence_model(payload, extra_contract))
     patch = contract.patch_size[0]
-    # The window step sends up to WINDOW_BATCH patch-sized tiles per request; engines also take whole slices.
+    # The window step sends up to WINDOW_BATCH patch-sized tiles per request, or as many whole slices (any side
+    # from the size divisor up to --max-slice).
     profile = ShapeProfile(batch=(1, WINDOW_BATCH, MAX_BATCH_SIZE),
-                           side=(patch, patch, max(patch, TENSORRT_MAX_SIDE)))
+                           side=(min(patch, contract.size_divisor), patch, max(patch, args.max_slice)))
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_model(args, network, contract, Path(tmp), profile)
         extra_paths = {}
@@ -230,7 +237,7 @@ def handle(args: argparse.Namespace) -> int:
             export_auxiliary(extra, extra_paths[extra.kind], args.opset)
         write_network(args.repository, args.name, exported.path, contract, instance_count=args.instances,
                       max_batch_size=MAX_BATCH_SIZE, batch_size=WINDOW_BATCH, runtime=exported.runtime,
-                      accelerator=exported.accelerator, replace=args.replace)
+                      accelerator=exported.accelerator, replace=args.replace, max_slice=args.max_slice)
         for extra in extras:
             write_auxiliary(args.repository, auxiliary_name(args.name, extra.kind), extra_paths[extra.kind],
                             extra.contract, instance_count=args.instances, max_batch_size=MAX_BATCH_SIZE)

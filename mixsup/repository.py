@@ -55,6 +55,7 @@ from mixsup.contract import (
     TensorSpec,
 )
 from mixsup.errors import InputError
+from mixsup.stacks import DEFAULT_MAX_SLICE
 
 VERSION = "1"
 NETWORK_INPUT = "input"
@@ -385,10 +386,13 @@ def write_network(
     sigma_scale: float = 0.125,
     intra_op_threads: int = 0,
     window_instance_count: int = 1,
+    max_slice: int = DEFAULT_MAX_SLICE,
 ) -> Path:
     """Write the network entry ``name`` (``model_path`` run by ``runtime``) and its sliding-window entry
     ``name_window``.
 
+    The window step sends whole slices, padded to the contract's ``size_divisor``, when they fit ``max_slice``
+    pixels a side (0: never), and tiles of the contract's ``patch_size`` beyond (:mod:`mixsup.serving.tiling`).
     ``model_path`` is an ONNX file for the ``python`` and ``onnxruntime`` runtimes, a serialized TensorRT engine
     for ``tensorrt_plan`` and a TorchScript file for ``pytorch_libtorch``. ``batch_size`` tiles go to the network
     per request, so it must not exceed ``max_batch_size``. An existing entry of that name is an InputError unless
@@ -408,6 +412,8 @@ def write_network(
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     if sigma_scale <= 0:
         raise InputError(f"sigma_scale must be positive, got {sigma_scale}")
+    if max_slice < 0:
+        raise InputError(f"max_slice must be 0 (always tile) or more, got {max_slice}")
     config = network_config(name, contract, runtime, max_batch_size, instance_count, device, intra_op_threads,
                             accelerator)
 
@@ -442,6 +448,8 @@ def write_network(
             "SIGMA_SCALE": sigma_scale,
             "NUM_CLASSES": contract.num_classes,
             "CONTEXT_SLICES": contract.context_slices,
+            "MAX_SLICE": max_slice,
+            "SIZE_DIVISOR": contract.size_divisor,
         },
     ))
     return network_dir

@@ -19,7 +19,7 @@ from mixsup.export.onnx_export import onnx_probabilities, torch_probabilities
 from mixsup.export.tensorrt_export import tensorrt_unavailable_reason
 from mixsup.export.torchscript_export import torchscript_probabilities
 from mixsup.serving.runtime import create_session
-from mixsup.serving.tiling import sliding_window_predict
+from mixsup.serving.tiling import predict_volume_probabilities
 from mixsup.training.trainer import load_checkpoint, network_from_checkpoint
 
 # TorchScript is what Triton's pytorch_libtorch backend loads; torch's notices that it is deprecated are not news.
@@ -150,7 +150,7 @@ def test_native_onnxruntime_with_tensorrt_accelerator(tiny_checkpoint, tmp_path)
     assert dict(accelerator.parameters) == {
         "precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30),
         "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/tmp/mixsup_trt_cache/ort",
-        "trt_profile_min_shapes": "input:1x3x48x48", "trt_profile_opt_shapes": "input:8x3x48x48",
+        "trt_profile_min_shapes": "input:1x3x8x8", "trt_profile_opt_shapes": "input:8x3x48x48",
         "trt_profile_max_shapes": "input:16x3x512x512"}
     # TensorRT gets the float32 graph and makes its own fp16 kernels; the contract says what runs
     weights = [t for t in onnx.load(str(tmp_path / "ort" / "1" / "model.onnx")).graph.initializer if len(t.dims) == 4]
@@ -272,7 +272,9 @@ def test_python_backend_configs_load_and_answer_in_triton(tiny_checkpoint, netwo
     members = []
     for name in ("full", "half"):
         session = create_session(repository / name / "1" / "model.onnx", device="cpu")
-        members.append(sliding_window_predict(volume, lambda t: session.run(None, {"input": t})[0], (48, 48),
-                                              num_classes=3).astype(np.float32))
+        contract = ModelContract.load(repository / name / "1")
+        members.append(predict_volume_probabilities(volume, lambda t: session.run(None, {"input": t})[0], (48, 48),
+                                                    num_classes=3, size_divisor=contract.size_divisor)
+                       .astype(np.float32))
     assert labels.shape == volume.shape and probabilities.shape == (3, *volume.shape)
     assert np.abs(probabilities.astype(np.float32) - np.mean(members, axis=0)).max() < 2e-3

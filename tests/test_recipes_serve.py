@@ -10,7 +10,7 @@ from mixsup.clients.client import SegmentationClient
 from mixsup.contract import ModelContract
 from mixsup.export.cli import main as export_main
 from mixsup.serving.runtime import create_session
-from mixsup.serving.tiling import sliding_window_predict
+from mixsup.serving.tiling import predict_volume_probabilities
 from mixsup.training.cli import main as train_main
 from mixsup.training.data.cli import main as data_main
 from mixsup.training.recipes import RECIPES
@@ -53,8 +53,9 @@ def test_every_recipe_serves_in_one_ensemble(repository, tmp_path):
     for name in names:
         member = ModelContract.load(repository / name / "1" / "contract.json")
         session = create_session(repository / name / "1" / "model.onnx", device="cpu")
-        members.append(sliding_window_predict(volume, lambda tiles: session.run(None, {"input": tiles})[0],
-                                              member.patch_size, num_classes=3).astype(np.float32))
+        members.append(predict_volume_probabilities(volume, lambda stacks: session.run(None, {"input": stacks})[0],
+                                                    member.patch_size, num_classes=3,
+                                                    size_divisor=member.size_divisor).astype(np.float32))
     expected = np.mean(members, axis=0)
     assert probabilities.shape == (3, *volume.shape) and labels.shape == volume.shape
     assert np.abs(probabilities.astype(np.float32) - expected).max() < 2e-3

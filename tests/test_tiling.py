@@ -4,9 +4,15 @@ import pytest
 
 from mixsup.errors import InputError
 from mixsup.serving.tiling import (
+    SliceAccumulator,
     TileAccumulator,
+    fits_whole,
     gaussian_importance_map,
+    iter_slice_batches,
     iter_tile_batches,
+    padded_size,
+    plan_volume_inference,
+    predict_volume_probabilities,
     slice_stack_indices,
     slice_stacks,
     sliding_window_predict,
@@ -153,3 +159,75 @@ def test_accumulator_checks_prediction_shape():
     accumulator = TileAccumulator(3, (1, 16, 16), ROI, 0.25)
     with pytest.raises(ValueError, match="expected"):
         accumulator.add(np.zeros((1, 2, 16, 16), np.float32), [(0, 0, 0)])
+
+
+# -- whole slices -----------------------------------------------------------------------------------------------
+
+
+def neighbour_network(divisor: int):
+    """A network whose output at a pixel depends on its neighbours (a 3x3 mean of the middle channel, wrapping
+    at the borders) and that refuses inputs whose sides are not multiples of ``divisor``, as a U-Net does."""
+
+    def predict(stacks):
+        assert stacks.shape[2] % divisor == 0 and stacks.shape[3] % divisor == 0, stacks.shape
+        middle = stacks[:, 1].astype(np.float64)
+        mean = sum(np.roll(middle, (dy, dx), axis=(1, 2)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9.0
+        return np.stack([mean, -mean, np.zeros_like(mean)], axis=1).astype(np.float32)
+
+    return predict
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 10, 7), (4, 33, 50), (2, 17, 300)])
+def test_whole_slices_equal_the_network_on_each_padded_slice(shape):
+    """Whole-slice inference is the network applied once to each air-padded slice stack, cropped: the padding,
+    the divisor, the batching and the placement of every slice are right."""
+    volume = random_volume(shape, seed=shape[2])
+    network = neighbour_network(divisor=8)
+    probs = predict_volume_probabilities(volume, network, ROI, batch_size=2, num_classes=3, max_slice=512,
+                                         size_divisor=8)
+    height, width = shape[1:]
+    padded = np.full((shape[0], 3, padded_size(height, 8), padded_size(width, 8)), -1024.0, np.float32)
+    padded[:, :, :height, :width] = slice_stacks(volume)
+    expected = network(padded)[:, :, :height, :width].transpose(1, 0, 2, 3)
+    assert probs.dtype == np.float16 and probs.shape == (3, *shape)
+    np.testing.assert_allclose(probs.astype(np.float32), expected, rtol=1e-3, atol=0.05)
+
+
+def test_whole_slices_and_tiles_agree_for_a_per_pixel_network():
+    volume = random_volume((4, 33, 50), seed=3)
+    network = lambda stacks: pixel_network(stacks).astype(np.float32)  # noqa: E731
+    whole = predict_volume_probabilities(volume, network, ROI, num_classes=3, size_divisor=4)
+    tiled = predict_volume_probabilities(volume, network, ROI, num_classes=3, max_slice=0)
+    np.testing.assert_allclose(whole.astype(np.float32), tiled.astype(np.float32), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("slice_shape, max_slice, divisor, whole", [
+    ((224, 224), 512, 16, True),
+    ((179, 179), 192, 16, True),    # padded to 192
+    ((179, 179), 180, 16, False),   # padded to 192 > 180
+    ((100, 600), 512, 1, False),    # one side too long
+    ((64, 64), 0, 16, False),       # 0: always tile
+])
+def test_which_slices_go_whole(slice_shape, max_slice, divisor, whole):
+    assert fits_whole(slice_shape, max_slice, divisor) is whole
+    plan = plan_volume_inference(np.zeros((2, *slice_shape), np.int16), ROI, num_classes=3, max_slice=max_slice,
+                                 size_divisor=divisor)
+    assert plan.mode == ("whole-slice" if whole else "tiled")
+
+
+def test_slice_batches_carry_at_most_a_tile_batch_of_pixels_and_slices():
+    # 8 tiles of 16x16 = 2048 pixels: 32x32 slices go 2 at a time; 8x8 ones 8 at a time (not 32: the slice cap)
+    plan = plan_volume_inference(random_volume((5, 32, 32)), ROI, batch_size=8, num_classes=3)
+    assert [inputs.shape[0] for inputs, _ in plan.batches] == [2, 2, 1]
+    plan = plan_volume_inference(random_volume((20, 8, 8)), ROI, batch_size=8, num_classes=3)
+    assert [(inputs.shape[0], first) for inputs, first in plan.batches] == [(8, 0), (8, 8), (4, 16)]
+    # a slice larger than the budget still goes, alone
+    assert [b.stacks.shape for b in iter_slice_batches(random_volume((2, 40, 40)), 1, 16)] == [(1, 3, 48, 48)] * 2
+
+
+def test_slice_accumulator_checks_prediction_shape():
+    accumulator = SliceAccumulator(3, (4, 10, 10))
+    with pytest.raises(ValueError, match="expected"):
+        accumulator.add(np.zeros((2, 2, 16, 16), np.float32), 0)  # wrong class count
+    with pytest.raises(ValueError, match="expected"):
+        accumulator.add(np.zeros((2, 3, 16, 16), np.float32), 3)  # runs past the last slice

@@ -1,9 +1,11 @@
-"""Triton python-backend model: sliding-window inference of one network over a whole volume.
+"""Triton python-backend model: one network over a whole volume.
 
-Input ``volume`` INT16 [D,H,W] (raw HU) -> 2.5D tiles -> batches sent to the network model over BLS ->
-Gaussian blend -> output ``probabilities`` FP16 [C,D,H,W]. Up to two batches are in flight, so the next batch
-is tiled (and the previous one blended) while the network works. Parameters: NETWORK, ROI ("h,w"), OVERLAP,
-BATCH_SIZE, SIGMA_SCALE, NUM_CLASSES, CONTEXT_SLICES.
+Input ``volume`` INT16 [D,H,W] (raw HU) -> batches of whole 2.5D slices (padded to SIZE_DIVISOR) when a padded
+slice fits MAX_SLICE, else Gaussian-blended tiles of ROI (:mod:`mixsup.serving.tiling`) -> sent to the network
+model over BLS -> output ``probabilities`` FP16 [C,D,H,W]. Up to two batches are in flight, so the next batch
+is built (and the previous one placed) while the network works. Parameters: NETWORK, ROI ("h,w"), OVERLAP,
+BATCH_SIZE (tiles per request; whole-slice requests carry as many pixels), SIGMA_SCALE, NUM_CLASSES,
+CONTEXT_SLICES, MAX_SLICE (0: always tile), SIZE_DIVISOR.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from collections import deque
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mixsup.serving.tiling import TileAccumulator, iter_tile_batches
+from mixsup.serving.tiling import Accumulator, plan_volume_inference
 from mixsup.serving.triton.common import (
     model_parameters,
     one_line,
@@ -39,6 +41,9 @@ class TritonPythonModel:
         self.sigma_scale = float(parameters.get("SIGMA_SCALE") or 0.125)
         self.num_classes = int(required_parameter(parameters, "NUM_CLASSES"))
         self.context_slices = int(parameters.get("CONTEXT_SLICES") or 3)
+        # Repositories written before whole-slice inference lack both: they keep tiling, as they were measured.
+        self.max_slice = int(parameters.get("MAX_SLICE") or 0)
+        self.size_divisor = int(parameters.get("SIZE_DIVISOR") or 1)
 
     async def execute(self, requests: list) -> list:
         responses = []
@@ -56,13 +61,17 @@ class TritonPythonModel:
             # Empty in, empty out. An error here, in one of the ensemble's parallel steps, would leave Triton
             # 2.51 counting the ensemble request as in flight forever (measured; see mixsup.serving.supervisor).
             return np.zeros((self.num_classes, *volume.shape), dtype=np.float16)
-        accumulator = TileAccumulator(self.num_classes, volume.shape, self.roi_size, self.overlap, self.sigma_scale)
+        plan = plan_volume_inference(
+            volume, self.roi_size, self.overlap, self.batch_size, num_classes=self.num_classes,
+            max_slice=self.max_slice, size_divisor=self.size_divisor, sigma_scale=self.sigma_scale,
+            context_slices=self.context_slices)
+        accumulator = plan.accumulator
         in_flight: deque = deque()
         try:
-            for batch in iter_tile_batches(volume, self.roi_size, self.overlap, self.batch_size, self.context_slices):
+            for inputs, where in plan.batches:
                 if len(in_flight) >= MAX_IN_FLIGHT:
                     await self._collect(accumulator, *in_flight.popleft())
-                in_flight.append((self._send(batch.tiles), batch.positions))
+                in_flight.append((self._send(inputs), where))
             while in_flight:
                 await self._collect(accumulator, *in_flight.popleft())
         finally:
@@ -79,9 +88,9 @@ class TritonPythonModel:
         )
         return request.async_exec()
 
-    async def _collect(self, accumulator: TileAccumulator, future, positions: list) -> None:
+    async def _collect(self, accumulator: Accumulator, future, where) -> None:
         response = await future
         if response.has_error():
             raise RuntimeError(f"network {self.network!r} failed: {response.error().message()}")
         probs = pb_utils.get_output_tensor_by_name(response, OUTPUT).as_numpy()
-        accumulator.add(probs, positions)
+        accumulator.add(probs, where)
