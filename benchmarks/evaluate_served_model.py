@@ -18,6 +18,7 @@ Usage: python benchmarks/evaluate_served_model.py [--repository model_repository
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -36,7 +37,9 @@ from independent_phantoms import make_case as make_independent_case  # noqa: E40
 from triton_utils import start_serve, stop_serve  # noqa: E402
 
 from mixsup.metrics import GlobalDice, dice  # noqa: E402
-from mixsup.scan import read_nifti, write_nifti  # noqa: E402
+from mixsup.readers import read_scan  # noqa: E402
+from mixsup.scan import Scan, read_nifti, write_nifti  # noqa: E402
+from mixsup.stacks import DEFAULT_MAX_SLICE  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -73,28 +76,43 @@ def evaluate(cases: list[tuple[Path, Path]], url: str, work: Path) -> dict:
             "cases": per_case}
 
 
-def segment_in_process(scan_path: Path, out: Path, network_dir: Path) -> float:
+def segment_in_process(scan_path: Path, out: Path, network_dir: Path, max_slice: int = DEFAULT_MAX_SLICE) -> float:
     """The peer: the same pipeline as the served path, in this process, no Triton, no gRPC."""
-    from mixsup.clients.pipeline import prepare_volume, restore_labels
-    from mixsup.contract import ModelContract
-    from mixsup.postprocess import postprocess_labels
-    from mixsup.readers import read_scan
-    from mixsup.serving.fuse import fuse_probabilities
-    from mixsup.serving.runtime import create_session
-    from mixsup.serving.tiling import sliding_window_predict
-
-    contract = ModelContract.load(network_dir / "1" / "contract.json")
-    session = create_session(network_dir / "1" / "model.onnx", device="cpu")
     started = time.perf_counter()
     scan = read_scan(scan_path)
-    volume, restore = prepare_volume(scan, contract)
-    probabilities = sliding_window_predict(
-        volume, lambda tiles: session.run(None, {contract.input_name: tiles})[0], contract.patch_size,
-        overlap=0.25, batch_size=8, num_classes=contract.num_classes)
-    labels, _ = fuse_probabilities([probabilities], [1.0])
-    labels = postprocess_labels(restore_labels(labels, restore, contract.num_classes))
+    labels = labels_in_process(scan, network_dir, max_slice)
     write_nifti(out, labels, scan.affine)
     return time.perf_counter() - started
+
+
+@functools.lru_cache(maxsize=4)
+def network_session(network_dir: Path):
+    """The network's contract and an ONNX Runtime session of it (cached: a session costs a second to build)."""
+    from mixsup.contract import ModelContract
+    from mixsup.serving.runtime import create_session
+
+    return (ModelContract.load(network_dir / "1" / "contract.json"),
+            create_session(network_dir / "1" / "model.onnx", device="cpu"))
+
+
+def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MAX_SLICE,
+                      postprocess: bool = True) -> np.ndarray:
+    """What ``mixsup-client segment`` writes for ``scan``, computed here: pre-processing to the model grid,
+    whole slices up to ``max_slice`` (0: tiles, 25% overlap, Gaussian), labels restored, post-processed."""
+    from mixsup.clients.pipeline import prepare_volume, restore_labels
+    from mixsup.postprocess import postprocess_labels
+    from mixsup.serving.fuse import fuse_probabilities
+    from mixsup.serving.tiling import predict_volume_probabilities
+
+    contract, session = network_session(network_dir)
+    volume, restore = prepare_volume(scan, contract)
+    probabilities = predict_volume_probabilities(
+        volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], contract.patch_size,
+        overlap=0.25, batch_size=8, num_classes=contract.num_classes, max_slice=max_slice,
+        size_divisor=contract.size_divisor)
+    labels, _ = fuse_probabilities([probabilities], [1.0])
+    labels = restore_labels(labels, restore, contract.num_classes)
+    return postprocess_labels(labels) if postprocess else labels
 
 
 def own_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int, int]) -> list[tuple[Path, Path]]:

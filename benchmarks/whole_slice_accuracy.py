@@ -1,0 +1,85 @@
+"""Whole-slice against tiled inference: same Dice? And how much less work?
+
+The served window step runs whole model-grid slices when they fit (``MAX_SLICE``) instead of 160-pixel tiles
+with 25% overlap and Gaussian blending. This script segments the held-out phantoms of
+``evaluate_served_model.py`` (same seeds, never trained on: own generator, foreign, independent) both ways, in
+process with the bundled network and the client's exact pipeline (pre-processing, labels restored to the scan's
+grid, post-processing), and reports global Dice for liver and lesion per set and way, their differences, and
+the seconds each way took. The issue's bar: the two agree within 0.005.
+
+Usage: python benchmarks/whole_slice_accuracy.py [--cases 10] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from evaluate_served_model import generated_phantoms, labels_in_process, own_phantoms  # noqa: E402
+from foreign_phantoms import make_foreign_case  # noqa: E402
+from independent_phantoms import make_case as make_independent_case  # noqa: E402
+
+from mixsup.metrics import GlobalDice  # noqa: E402
+from mixsup.readers import read_scan  # noqa: E402
+from mixsup.scan import read_nifti  # noqa: E402
+
+WAYS = {"whole_slice": 512, "tiled": 0}  # max_slice of each way
+
+
+def score(cases: list[tuple[Path, Path]], network_dir: Path) -> dict[str, dict[str, float]]:
+    """Global liver / lesion Dice and seconds of each way over ``cases``."""
+    results = {}
+    for way, max_slice in WAYS.items():
+        liver, lesion, seconds = GlobalDice([1]), GlobalDice([2]), 0.0
+        for volume_path, label_path in cases:
+            scan, truth = read_scan(volume_path), read_nifti(label_path).voxels
+            started = time.perf_counter()
+            predicted = labels_in_process(scan, network_dir, max_slice)
+            seconds += time.perf_counter() - started
+            liver.update(np.minimum(predicted, 1), np.minimum(truth, 1))
+            lesion.update(predicted, truth)
+        results[way] = {"dice_liver_global": round(liver.result()[1], 4),
+                        "dice_lesion_global": round(lesion.result()[2], 4), "seconds": round(seconds, 2)}
+    results["difference_whole_minus_tiled"] = {
+        key: round(results["whole_slice"][key] - results["tiled"][key], 4)
+        for key in ("dice_liver_global", "dice_lesion_global")}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--network", type=Path, default=HERE.parent / "model_repository" / "unet")
+    parser.add_argument("--cases", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=90210, help="never a training seed")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    shape = (40, 256, 256)
+    results: dict = {"network": str(args.network), "cases_per_set": args.cases}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sets = {"own": own_phantoms(work / "own", args.cases, args.seed, shape)}
+        for name, make_case in [("foreign", make_foreign_case), ("independent", make_independent_case)]:
+            sets[name] = generated_phantoms(work / name, args.cases, args.seed, shape, make_case)
+        for name, cases in sets.items():
+            results[name] = score(cases, args.network)
+            print(name, json.dumps(results[name]), flush=True)
+    worst = max(abs(v) for name in sets for v in results[name]["difference_whole_minus_tiled"].values())
+    results["largest_abs_difference"] = worst
+    results["within_0_005"] = bool(worst <= 0.005)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
