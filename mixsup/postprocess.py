@@ -68,11 +68,18 @@ def postprocess_labels(labels: np.ndarray, organ_label: int = 1, lesion_label: i
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"postprocess_labels expects a 3D label map, got shape {labels.shape}")
-    lesion = labels == lesion_label
-    organ_with_lesions = fill_holes(largest_component((labels == organ_label) | lesion))
-    lesion = fill_holes(lesions_inside_organ(lesion, organ_with_lesions))
-
     out = np.zeros(labels.shape, dtype=np.uint8)
-    out[organ_with_lesions] = organ_label
-    out[lesion] = lesion_label
+    foreground = (labels == organ_label) | (labels == lesion_label)
+    if not foreground.any():
+        return out
+    # Every rule acts inside the bounding box of organ ∪ lesion: components and holes are the same there as in
+    # the whole volume (what lies outside is background connected to the volume's border), at the box's cost.
+    box = bounding_box(foreground)
+    labels = labels[box]
+    lesion = labels == lesion_label
+    organ_with_lesions = fill_holes(largest_component(foreground[box]))
+    lesion = fill_holes(lesions_inside_organ(lesion, organ_with_lesions))
+    inside = out[box]
+    inside[organ_with_lesions] = organ_label
+    inside[lesion] = lesion_label
     return out

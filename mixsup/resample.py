@@ -11,7 +11,8 @@ import numpy as np
 from scipy import ndimage
 
 
-def inplane_shape(shape_hw: Sequence[int], spacing_hw: Sequence[float], target_spacing_hw: Sequence[float]) -> tuple[int, int]:
+def inplane_shape(shape_hw: Sequence[int], spacing_hw: Sequence[float],
+                  target_spacing_hw: Sequence[float]) -> tuple[int, int]:
     """The in-plane shape a ``shape_hw`` image with ``spacing_hw`` has at ``target_spacing_hw`` (at least 1)."""
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape_hw, spacing_hw, target_spacing_hw))
 
@@ -40,3 +41,40 @@ def resample_inplane(volume: np.ndarray, out_hw: Sequence[int], order: int = 1) 
             prefilter=False,
         )
     return out.reshape(lead + out_hw)
+
+
+def output_window(size_in: int, size_out: int, source: slice) -> slice:
+    """The output samples (of ``size_in`` -> ``size_out`` linear resampling) whose value depends on input samples
+    in ``source``: outside it they see only other inputs. Conservative by one sample on each side."""
+    scale = size_in / size_out
+    # Output o reads inputs floor(p) and floor(p) + 1 with p = (o + 0.5) * scale - 0.5, clamped to the edges.
+    first = int(np.floor((source.start - 1 + 0.5) / scale - 0.5)) - 1
+    last = int(np.ceil((source.stop + 0.5) / scale - 0.5)) + 1
+    return slice(max(0, first), min(size_out, last + 1))
+
+
+def resample_inplane_window(volume: np.ndarray, out_hw: Sequence[int], rows: slice, columns: slice,
+                            order: int = 1) -> np.ndarray:
+    """``resample_inplane(volume, out_hw, order)[..., rows, columns]``, reading only the inputs that window needs.
+
+    For outputs that are known constant outside a small region (a label map's background), this costs the
+    region, not the slice.
+    """
+    out_hw = tuple(int(n) for n in out_hw)
+    scale = np.array([volume.shape[-2] / out_hw[0], volume.shape[-1] / out_hw[1]])
+    window_shape = (rows.stop - rows.start, columns.stop - columns.start)
+    # The inputs the window reads: from the floor of its first sample's position to one past its last's.
+    first = np.floor((np.array([rows.start, columns.start]) + 0.5) * scale - 0.5)
+    last = np.floor((np.array([rows.stop - 1, columns.stop - 1]) + 0.5) * scale - 0.5) + 2
+    first = np.clip(first, 0, np.array(volume.shape[-2:]) - 1).astype(int)
+    last = np.clip(last, 1, np.array(volume.shape[-2:])).astype(int)
+    crop = volume[..., first[0]:last[0], first[1]:last[1]]
+    # Positions beyond the crop's edges are beyond the volume's edges too (clamped the same way, mode nearest).
+    offset = (np.array([rows.start, columns.start]) + 0.5) * scale - 0.5 - first
+    lead = crop.shape[:-2]
+    flat = crop.reshape((-1,) + crop.shape[-2:])
+    out = np.empty((flat.shape[0],) + window_shape, dtype=volume.dtype)
+    for index in range(flat.shape[0]):
+        ndimage.affine_transform(flat[index], matrix=scale, offset=offset, output_shape=window_shape,
+                                 output=out[index], order=order, mode="nearest", prefilter=False)
+    return out.reshape(lead + window_shape)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mixsup.clients.pipeline import (
+    Restore,
     needs_resampling,
     prepare_volume,
     restore_labels,
@@ -135,3 +136,33 @@ def test_labels_of_the_wrong_shape_are_a_server_error():
     _, restore = prepare_volume(scan, ModelContract(spacing_mm=(1.0, 1.0)))
     with pytest.raises(MixsupError):
         restore_labels(np.zeros((4, 8, 9), np.uint8), restore, 3)
+
+
+def whole_slice_restore(labels, canonical_hw, num_classes):
+    """The restore's definition, computed the slow way: every class's one-hot interpolated over whole slices."""
+    from mixsup.resample import resample_inplane
+
+    classes = np.arange(num_classes).reshape(-1, 1, 1)
+    smooth = np.stack([resample_inplane((s[None] == classes).astype(np.float32), canonical_hw) for s in labels])
+    return smooth, np.argmax(smooth, axis=1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("model_hw, canonical_hw", [((30, 40), (71, 93)), ((64, 64), (29, 35)), ((17, 9), (17, 40))])
+def test_restore_resamples_only_around_the_foreground_and_matches_whole_slices(model_hw, canonical_hw):
+    """Labels in a small region of some slices: the windowed restore equals the whole-slice definition (up to
+    exact ties between classes, where float rounding may pick either) and leaves everything else background."""
+    rng = np.random.default_rng(sum(model_hw))
+    labels = np.zeros((5, *model_hw), np.uint8)
+    labels[1:3, 4:12, 3:7] = rng.integers(0, 3, (2, 8, 4))
+    labels[3, 5, 5] = 2
+    restore = Restore(affine=psr_affine((0.8, 2.0, 0.8)), stored_shape=(canonical_hw[0], 5, canonical_hw[1]),
+                      canonical_shape=(5, *canonical_hw), model_shape=(5, *model_hw))
+    stored = restore_labels(labels, restore, 3)
+    smooth, expected = whole_slice_restore(labels, canonical_hw, 3)
+    top = np.sort(smooth, axis=1)
+    tie = restore.to_stored((top[:, -1] - top[:, -2] < 1e-6).astype(np.uint8)).astype(bool)
+    assert np.array_equal(stored[~tie], restore.to_stored(expected)[~tie])
+    assert (stored > 0).any()
+    empty_slices = np.zeros((5, *canonical_hw), np.uint8)
+    empty_slices[[0, 4]] = 1
+    assert stored[restore.to_stored(empty_slices).astype(bool)].max() == 0
