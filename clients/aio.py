@@ -38,6 +38,7 @@ from mixsup.clients.protocol import (
     normalize_url,
 )
 from mixsup.clients.result import Result, ScanSource, as_scan
+from mixsup.clients.slabs import DEFAULT_SLAB_SLICES, SlabAnswers, slab_plan
 from mixsup.contract import ModelContract
 from mixsup.errors import ServerUnavailable
 from mixsup.scan import Scan
@@ -58,11 +59,13 @@ class AsyncSegmentationClient:
         model: str = DEFAULT_MODEL,
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        slab_slices: int = DEFAULT_SLAB_SLICES,
     ):
         self.url = normalize_url(url)
         self.model = model
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.slab_slices = slab_slices
         self._endpoint = Endpoint(self.url, model, timeout_s, connect_timeout_s)
         self._grpc: grpcaio.InferenceServerClient | None = None
         self._contract: ModelContract | None = None
@@ -153,7 +156,14 @@ class AsyncSegmentationClient:
         self, volume: np.ndarray, want_probabilities: bool = False
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """See :meth:`mixsup.clients.client.SegmentationClient.segment_volume`."""
-        labels, probabilities = await self._infer(volume, want_probabilities)
+        depth = np.shape(volume)[0] if np.ndim(volume) == 3 else 0
+        if depth <= self.slab_slices:
+            labels, probabilities = await self._infer(volume, want_probabilities)
+        else:
+            answers = SlabAnswers(depth)
+            for slab in slab_plan(depth, self.slab_slices, (await self.contract()).context_slices // 2):
+                answers.add(slab, *await self._infer(volume[slab.send], want_probabilities))
+            labels, probabilities = answers.labels, answers.probabilities
         return (labels, probabilities) if want_probabilities else labels
 
     async def _infer(self, volume: np.ndarray, want_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:

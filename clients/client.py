@@ -34,6 +34,7 @@ from mixsup.clients.protocol import (
     normalize_url,
 )
 from mixsup.clients.result import Result, ScanSource, as_scan, segment_to_result
+from mixsup.clients.slabs import DEFAULT_SLAB_SLICES, SlabAnswers, slab_plan
 from mixsup.contract import ModelContract
 from mixsup.errors import ServerUnavailable
 from mixsup.scan import Scan
@@ -45,8 +46,9 @@ class SegmentationClient:
     """Segments scans with the ``model`` ensemble served at ``url`` (``HOST:PORT``, gRPC).
 
     ``timeout_s`` bounds one inference (None: no bound), ``connect_timeout_s`` every health or metadata call.
-    Calls are thread-safe, so one client can serve a pool of worker threads; the channel reconnects by itself
-    within seconds when the server comes back after a restart.
+    A volume longer than ``slab_slices`` goes in slabs (:mod:`mixsup.clients.slabs`): the same labels, bounded
+    server memory. Calls are thread-safe, so one client can serve a pool of worker threads; the channel
+    reconnects by itself within seconds when the server comes back after a restart.
     """
 
     def __init__(
@@ -55,11 +57,13 @@ class SegmentationClient:
         model: str = DEFAULT_MODEL,
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        slab_slices: int = DEFAULT_SLAB_SLICES,
     ):
         self.url = normalize_url(url)
         self.model = model
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.slab_slices = slab_slices
         self._endpoint = Endpoint(self.url, model, timeout_s, connect_timeout_s)
         self._client = grpcclient.InferenceServerClient(url=self.url, channel_args=channel_args())
         self._contract: ModelContract | None = None
@@ -143,14 +147,24 @@ class SegmentationClient:
         With ``want_probabilities`` also returns the fused probabilities (float16 ``[C, D, H, W]``). Nothing is
         post-processed here.
         """
+        depth = np.shape(volume)[0] if np.ndim(volume) == 3 else 0
+        if depth <= self.slab_slices:
+            labels, probabilities = self._infer(volume, want_probabilities)
+        else:
+            answers = SlabAnswers(depth)
+            for slab in slab_plan(depth, self.slab_slices, self.contract().context_slices // 2):
+                answers.add(slab, *self._infer(volume[slab.send], want_probabilities))
+            labels, probabilities = answers.labels, answers.probabilities
+        return (labels, probabilities) if want_probabilities else labels
+
+    def _infer(self, volume: np.ndarray, want_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         volume, inputs, outputs = inference_request(volume, want_probabilities)
         try:
             answer = self._client.infer(self.model, inputs=inputs, outputs=outputs, client_timeout=self.timeout_s)
         except InferenceServerException as exc:
             action = f"segmenting a {describe_shape(volume.shape)} volume"
             raise self._endpoint.translate(exc, action, during_inference=True) from None
-        labels, probabilities = self._endpoint.read_outputs(answer, volume.shape, want_probabilities)
-        return (labels, probabilities) if want_probabilities else labels
+        return self._endpoint.read_outputs(answer, volume.shape, want_probabilities)
 
     def segment_scan(self, scan: Scan, postprocess: bool = True) -> np.ndarray:
         """uint8 labels on ``scan``'s stored grid (same shape as ``scan.voxels``): 0 bg, 1 liver, 2 lesion."""

@@ -140,3 +140,33 @@ def test_errors_of_the_async_api(tmp_path, real_triton):
     assert "bad.nii.gz" in bad_scan
     for message in (unreachable, no_contract, no_model, bad_scan):
         assert "\n" not in message
+
+
+def test_a_long_volume_goes_in_slabs_with_the_same_answer(real_triton):
+    """Slabs of 4 slices (plus the 2.5D halo) give bit for bit the labels and probabilities of one request: the
+    pixel network reads each slice's neighbours, so a slab without its halo would differ at every seam."""
+    volume = np.random.default_rng(3).integers(-100, 300, size=(11, 12, 10)).astype(np.int16)
+    requests = segment_requests(real_triton)
+    with SegmentationClient(real_triton) as whole, SegmentationClient(real_triton, slab_slices=4) as slabbed:
+        expected = whole.segment_volume(volume, want_probabilities=True)
+        labels, probabilities = slabbed.segment_volume(volume, want_probabilities=True)
+        assert np.array_equal(slabbed.segment_volume(volume), expected[0])
+    assert np.array_equal(labels, expected[0]) and np.array_equal(probabilities, expected[1])
+    assert segment_requests(real_triton) == requests + 1 + 3 + 3  # 11 slices: 4 + 4 + 3
+
+    async def main():
+        async with AsyncSegmentationClient(real_triton, slab_slices=5) as client:
+            return await client.segment_volume(volume, want_probabilities=True)
+
+    labels, probabilities = asyncio.run(main())
+    assert np.array_equal(labels, expected[0]) and np.array_equal(probabilities, expected[1])
+
+
+def test_slab_plan_keeps_every_slice_once_with_its_halo():
+    from mixsup.clients.slabs import slab_plan
+
+    assert slab_plan(5, 8) == [slab_plan(5, 5)[0]] and slab_plan(5, 8)[0].send == slice(0, 5)
+    slabs = slab_plan(10, 4, halo=2)
+    assert [(s.send.start, s.send.stop, s.keep.start, s.keep.stop) for s in slabs] == [
+        (0, 6, 0, 4), (2, 10, 4, 8), (6, 10, 8, 10)]
+    assert [s.kept_in_answer for s in slabs] == [slice(0, 4), slice(2, 6), slice(2, 4)]

@@ -21,6 +21,10 @@ class TritonPythonModel:
         self.input_name = self.session.get_inputs()[0].name
         outputs = [output.name for output in self.session.get_outputs()]
         self.output_name = self.contract.output_name if self.contract.output_name in outputs else outputs[0]
+        # Warm-up at load, before Triton reports the model ready: ONNX Runtime's first run allocates its arenas
+        # and plans the graph (with TensorRT it builds the engine, minutes), which would otherwise land on the
+        # first user's request.
+        self.predict(np.zeros((1, self.contract.context_slices, *self.contract.patch_size), np.float32))
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         (probs,) = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(tiles, np.float32)})

@@ -1,0 +1,368 @@
+"""The served path against what a user would run instead, side by side in one run, on one whole CT scan.
+
+One network (the bundled architecture: 2.5D U-Net, 16 base channels, 4 poolings; seeded random weights unless
+``--checkpoint`` is given, since speed does not depend on the weights), exported once with ``mixsup-export``
+into a fresh repository, and one scan (``mixsup-data phantoms``, 512x512x100 at 0.7 mm in-plane -> a 100x224x224
+model grid). Every path gets the same model-grid volume and the same weights and ends in labels:
+
+* ``served``              -- tritonclient -> the ``segment`` ensemble of ``mixsup-serve`` (INT16 in, UINT8 out),
+                             warm; the window step runs whole slices (``MAX_SLICE``);
+* ``monai_eager``         -- MONAI ``sliding_window_inference`` (160 px tiles, 25% overlap, Gaussian, batch 8)
+                             over the network in eager PyTorch: what most users run;
+* ``monai_torchscript``   -- the same with the network traced, frozen and in channels_last: a savvy PyTorch user;
+* ``in_process``          -- the project's own inference (:func:`mixsup.serving.tiling.predict_volume_probabilities`,
+                             whole slices) on ONNX Runtime in this process: what serving may cost at most over;
+* ``in_process_tiled``    -- the same, tiled as MONAI tiles: what whole slices save;
+* ``matmul_ceiling``      -- the network's FLOPs for the whole-slice plan over this CPU's float32 matmul rate.
+
+Then ``mixsup-client segment`` end to end (read, resample, serve, restore, post-process, write) and what the
+client adds over the served request; scans per minute with 1, 2 and 4 concurrent clients (threads, one gRPC
+client each); peak resident memory of the server (Triton and its stubs) and of the CLI.
+
+Writes ``benchmarks/results/serving.json`` (``speedup_vs_monai_eager``, ``speedup_vs_monai_torchscript``,
+``overhead_vs_inprocess``, ``client_seconds``, ...) and ``serving.png``. Needs the ``bench`` extra (MONAI).
+
+Usage: python benchmarks/serving.py [--shape 100 512 512] [--spacing 2.5 0.7 0.7] [--repeats 3] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+from triton_utils import start_serve, stop_serve  # noqa: E402
+
+from mixsup.clients.client import SegmentationClient  # noqa: E402
+from mixsup.clients.pipeline import prepare_volume  # noqa: E402
+from mixsup.contract import ModelContract  # noqa: E402
+from mixsup.readers import read_scan  # noqa: E402
+from mixsup.serving.fuse import fuse_probabilities  # noqa: E402
+from mixsup.serving.runtime import create_session  # noqa: E402
+from mixsup.serving.tiling import padded_size, predict_volume_probabilities, slice_stacks, tile_positions  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ROI, OVERLAP, BATCH, SIGMA = (160, 160), 0.25, 8, 0.125
+
+
+# ------------------------------------------------------------------------------------------------- set-up
+
+
+def make_scan(folder: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> Path:
+    """One phantom of the project's generator, stored at ``shape`` (D, H, W) and ``spacing`` (mm)."""
+    subprocess.run([str(BIN / "mixsup-data"), "phantoms", str(folder), "--n", "1", "--seed", "4242",
+                    "--shape", *map(str, shape), "--spacing", *map(str, spacing)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return folder / "volume-0.nii.gz"
+
+
+def make_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A checkpoint of the bundled architecture with seeded random weights, as ``mixsup-train`` writes one."""
+    from dataclasses import asdict
+
+    import torch
+
+    from mixsup.training.recipes import get_recipe
+    from mixsup.training.trainer import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TrainConfig
+
+    config = TrainConfig.preset("default", recipe="unet")
+    recipe = get_recipe("unet")
+    config = config.updated({"options": dict(recipe.DEFAULTS)})
+    torch.manual_seed(seed)
+    modules = recipe.build(config)
+    network = recipe.segmentation_network(modules)
+    contract = ModelContract(patch_size=(config.patch_size,) * 2, spacing_mm=config.spacing_mm, recipe="unet")
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "recipe": "unet",
+                "config": asdict(config), "network_config": asdict(network.config),
+                "state_dict": modules.state_dict(), "contract": contract.to_dict(), "stage": 0, "epoch": 0,
+                "history": []}, path)
+    return path
+
+
+def export(checkpoint: Path, repository: Path) -> Path:
+    subprocess.run([str(BIN / "mixsup-export"), str(checkpoint), "--repository", str(repository), "--name", "unet"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return repository / "unet"
+
+
+def torch_network(checkpoint: Path):
+    """``softmax(network(hu))`` in eager PyTorch, eval mode: exactly what the export wrote to ONNX."""
+    from mixsup.training.models.unet import Probabilities
+    from mixsup.training.trainer import load_checkpoint, network_from_checkpoint
+
+    return Probabilities(network_from_checkpoint(load_checkpoint(checkpoint))).eval()
+
+
+# ------------------------------------------------------------------------------------------------- paths
+
+
+def monai_labels(volume: np.ndarray, predictor: Callable, channels_last: bool = False) -> np.ndarray:
+    """MONAI's sliding window over every slice's 3-slice stack: same tiles, overlap, Gaussian and batch."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    stacks = torch.from_numpy(slice_stacks(volume).astype(np.float32))
+    if channels_last:
+        stacks = stacks.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        probabilities = sliding_window_inference(
+            stacks, roi_size=ROI, sw_batch_size=BATCH, predictor=predictor, overlap=OVERLAP, mode="gaussian",
+            sigma_scale=SIGMA, padding_mode="constant", cval=-1024.0)
+        return probabilities.max(dim=1).indices.numpy().astype(np.uint8)
+
+
+def frozen_channels_last(network, example_hw: tuple[int, int]):
+    """The network traced, frozen and optimised for inference, taking channels_last input."""
+    import torch
+
+    example = torch.zeros(BATCH, 3, *example_hw).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        network = network.to(memory_format=torch.channels_last)
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(network, example).eval()))
+        for _ in range(2):  # the profiling runs of the TorchScript executor are not latency
+            frozen(example)
+
+    def predict(tiles):
+        return frozen(tiles.contiguous(memory_format=torch.channels_last))
+
+    return predict
+
+
+def in_process_labels(volume: np.ndarray, session, contract: ModelContract, max_slice: int) -> np.ndarray:
+    probabilities = predict_volume_probabilities(
+        volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], ROI, OVERLAP, BATCH,
+        num_classes=contract.num_classes, max_slice=max_slice, size_divisor=contract.size_divisor,
+        sigma_scale=SIGMA)
+    return fuse_probabilities([probabilities], [1.0])[0]
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This CPU's float32 matmul rate in GFLOP/s (median of ``repeats``), PyTorch's BLAS on every core."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        seconds.append(time.perf_counter() - started)
+    return 2 * size**3 / float(np.median(seconds)) / 1e9
+
+
+def network_gflop(network, height: int, width: int) -> float:
+    """GFLOP of one forward pass on a [1, 3, height, width] input (a multiply-add counts 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        network(torch.zeros(1, 3, height, width))
+    return counter.get_total_flops() / 1e9
+
+
+# ------------------------------------------------------------------------------------------------- measuring
+
+
+def timed(function: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
+    """Median seconds of ``repeats`` calls after one warm-up call, every run's seconds (the warm-up's first),
+    the last result."""
+    started = time.perf_counter()
+    result = function()
+    runs = [time.perf_counter() - started]
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = function()
+        runs.append(time.perf_counter() - started)
+    return float(np.median(runs[1:])), [round(r, 3) for r in runs], result
+
+
+class PeakRss:
+    """Peak resident memory (MB) of a process and its descendants, sampled every 50 ms in a thread."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.peak = 0.0
+        self.start = self.sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> float:
+        import psutil
+
+        total = 0
+        try:
+            for process in [self.process, *self.process.children(recursive=True)]:
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            return self.peak
+        mb = total / 2**20
+        self.peak = max(self.peak, mb)
+        return mb
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.sample()
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cli_segment(scan: Path, out: Path, url: str) -> tuple[float, float]:
+    """Seconds and peak RSS (MB) of one ``mixsup-client segment`` process."""
+    started = time.perf_counter()
+    process = subprocess.Popen([str(BIN / "mixsup-client"), "segment", str(scan), "-o", str(out), "--url", url],
+                               stdout=subprocess.DEVNULL)
+    with PeakRss(process.pid) as rss:
+        if process.wait() != 0:
+            raise SystemExit(f"mixsup-client segment exited with {process.returncode}")
+    return time.perf_counter() - started, rss.peak
+
+
+def scans_per_minute(url: str, volume: np.ndarray, clients: int, scans_each: int) -> float:
+    """Throughput of ``clients`` threads, each with its own gRPC client, each segmenting ``scans_each`` scans."""
+    def worker(_: int) -> None:
+        with SegmentationClient(url) as client:
+            for _ in range(scans_each):
+                client.segment_volume(volume)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    return 60.0 * clients * scans_each / (time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["monai_eager", "monai_torchscript", "in_process_tiled", "in_process", "served", "matmul_ceiling"]
+    seconds = [results["seconds"][name] for name in names]
+    figure, axis = plt.subplots(figsize=(8, 3.6))
+    bars = axis.barh(names[::-1], seconds[::-1], color=["#999999", "#4c72b0", "#4c72b0", "#dd8452", "#8c8c8c",
+                                                         "#8c8c8c"][::-1])
+    axis.bar_label(bars, fmt="%.2f s", padding=3)
+    axis.set_xlabel("seconds per scan (median)")
+    axis.set_title(f"{results['scan']['shape_dhw']} scan -> {results['scan']['model_grid_dhw']} model grid, "
+                   f"{os.cpu_count()} CPU cores")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=3, default=[100, 512, 512], metavar=("D", "H", "W"))
+    parser.add_argument("--spacing", type=float, nargs=3, default=[2.5, 0.7, 0.7], metavar=("SD", "SH", "SW"))
+    parser.add_argument("--checkpoint", type=Path, help="a unet checkpoint (default: seeded random weights)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for serving.json and serving.png")
+    args = parser.parse_args()
+
+    import torch
+
+    results: dict[str, Any] = {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        scan_path = make_scan(work / "scan", tuple(args.shape), tuple(args.spacing))
+        checkpoint = args.checkpoint or make_checkpoint(work / "random.pt")
+        network_dir = export(checkpoint, work / "repository")
+        contract = ModelContract.load(network_dir / "1")
+        volume, _ = prepare_volume(read_scan(scan_path), contract)
+        depth, height, width = volume.shape
+        results["scan"] = {"shape_dhw": list(args.shape), "spacing_mm": list(args.spacing),
+                           "model_grid_dhw": [depth, height, width], "checkpoint": str(args.checkpoint or "random")}
+        network = torch_network(checkpoint)
+        session = create_session(network_dir / "1" / "model.onnx", device="cpu")
+
+        seconds, runs, labels = {}, {}, {}
+
+        def measure(name: str, function: Callable[[], np.ndarray]) -> None:
+            seconds[name], runs[name], labels[name] = timed(function, args.repeats)
+            print(f"{name:>20}: {seconds[name]:.2f} s {runs[name]}", flush=True)
+
+        measure("in_process", lambda: in_process_labels(volume, session, contract, max_slice=512))
+        measure("in_process_tiled", lambda: in_process_labels(volume, session, contract, max_slice=0))
+        measure("monai_eager", lambda: monai_labels(volume, network))
+        frozen = frozen_channels_last(network, ROI)  # built once: tracing is not inference
+        measure("monai_torchscript", lambda: monai_labels(volume, frozen, channels_last=True))
+
+        server, url, _ = start_serve(work / "repository", log_dir=work / "logs")
+        try:
+            with PeakRss(server.pid) as server_rss:
+                with SegmentationClient(url) as client:
+                    measure("served", lambda: client.segment_volume(volume))
+                cli_runs = [cli_segment(scan_path, work / "labels.nii.gz", url) for _ in range(args.repeats + 1)][1:]
+                throughput = {str(n): round(scans_per_minute(url, volume, n, 2), 2) for n in args.clients}
+                print(f"{'scans/minute':>20}: {throughput}", flush=True)
+        finally:
+            stop_serve(server)
+
+    # Work counted the way each path does it: whole padded slices, or 160-pixel tiles on the padded slice.
+    whole_gflop = depth * network_gflop(network, padded_size(height, contract.size_divisor),
+                                        padded_size(width, contract.size_divisor))
+    tiles = len(tile_positions((depth, max(height, ROI[0]), max(width, ROI[1])), ROI, OVERLAP))
+    tiled_gflop = tiles * network_gflop(network, *ROI)
+    ceiling = matmul_gflops()
+    seconds["matmul_ceiling"] = whole_gflop / ceiling
+    cli_seconds = float(np.median([s for s, _ in cli_runs]))
+    agreement = {name: round(float(np.mean(labels[name] == labels["in_process"])), 5)
+                 for name in ("served", "in_process_tiled", "monai_eager", "monai_torchscript")}
+    results.update({
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "runs_seconds": runs,
+        "served_first_request_seconds": runs["served"][0],
+        "speedup_vs_monai_eager": round(seconds["monai_eager"] / seconds["served"], 2),
+        "speedup_vs_monai_torchscript": round(seconds["monai_torchscript"] / seconds["served"], 2),
+        "overhead_vs_inprocess": round(seconds["served"] / seconds["in_process"], 3),
+        "whole_slice_speedup_in_process": round(seconds["in_process_tiled"] / seconds["in_process"], 2),
+        "cli_end_to_end_seconds": round(cli_seconds, 2),
+        "client_seconds": round(cli_seconds - seconds["served"], 2),
+        "scans_per_minute_by_clients": throughput,
+        "peak_rss_mb": {"server": round(server_rss.peak), "server_at_start": round(server_rss.start),
+                        "cli": round(max(rss for _, rss in cli_runs))},
+        "work": {"network_gflop_whole_slices": round(whole_gflop, 1), "network_gflop_tiled": round(tiled_gflop, 1),
+                 "matmul_gflops": round(ceiling, 1),
+                 "effective_gflops": {name: round((tiled_gflop if name.startswith("monai") or name.endswith("tiled")
+                                                   else whole_gflop) / seconds[name], 1)
+                                      for name in ("served", "in_process", "in_process_tiled", "monai_eager",
+                                                   "monai_torchscript")}},
+        "label_agreement_with_in_process": agreement,
+        "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
+    })
+    text = json.dumps(results, indent=2)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serving.json").write_text(text + "\n")
+    plot(results, args.out / "serving.png")
+
+
+if __name__ == "__main__":
+    main()
