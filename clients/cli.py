@@ -46,10 +46,11 @@ from mixsup.clients.outputs import (
 from mixsup.clients.protocol import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_MODEL, DEFAULT_TIMEOUT_S, DEFAULT_URL
 from mixsup.clients.result import ScanSegmenter, segment_to_result
 from mixsup.clients.servers import DEFAULT_RETRY_SECONDS, ServerPool
+from mixsup.clients.shm import SHM_MODES
 from mixsup.clients.summary import STATUS_OK, SUMMARY_FILENAME, CaseResult, absolute_input
 from mixsup.dicom import dicom_source
 from mixsup.dicom_seg import check_seg_possible
-from mixsup.errors import EXIT_OK, EXIT_UNAVAILABLE, InputError, add_debug_flag, run_command
+from mixsup.errors import EXIT_OK, EXIT_UNAVAILABLE, InputError, ServerUnavailable, add_debug_flag, run_command
 from mixsup.readers import read_scan
 from mixsup.scan import Scan, is_nifti, write_nifti
 
@@ -121,8 +122,25 @@ def _check_timeouts(args: argparse.Namespace) -> None:
 def _client(args: argparse.Namespace, url: str | None = None) -> SegmentationClient:
     _check_timeouts(args)
     return SegmentationClient(
-        url=url or args.url, model=args.model, timeout_s=args.timeout, connect_timeout_s=args.connect_timeout
+        url=url or args.url, model=args.model, timeout_s=args.timeout, connect_timeout_s=args.connect_timeout,
+        shared_memory=getattr(args, "shm", "auto"),
     )
+
+
+def _first_ready_client(args: argparse.Namespace) -> SegmentationClient:
+    """A client of the first server in ``--url`` order whose model is ready (a scan needs only one); the last
+    server's reason when none is."""
+    urls = list(dict.fromkeys(args.url or [DEFAULT_URL]))
+    for index, url in enumerate(urls):
+        client = _client(args, url)
+        try:
+            client.ensure_ready()
+            return client
+        except ServerUnavailable:
+            client.close()
+            if index == len(urls) - 1:
+                raise
+    raise AssertionError("unreachable: urls is never empty")
 
 
 # -- segment ------------------------------------------------------------------------------------------------------
@@ -156,8 +174,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(f"{PROG}: {source.note}", file=sys.stderr)
     if is_dicom_seg_path(output):
         check_seg_possible(scan, output)
-    with _client(args) as client:
-        client.ensure_ready()
+    with _first_ready_client(args) as client:
         result = segment_file(
             client, scan_path, output, not args.no_postprocess, paths["probabilities"], scan, paths["preview"],
             paths["stats"],
@@ -262,12 +279,14 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------------------------------
 
 
-def _server_options(several_urls: bool = False, model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
+def _server_options(several_urls: bool = False, model: str = DEFAULT_MODEL,
+                    shared_memory: bool = False) -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     if several_urls:
         options.add_argument(
             "--url", action="append", metavar="HOST:PORT",
-            help=f"Triton gRPC endpoint; repeat to spread the scans over several servers (default {DEFAULT_URL})",
+            help=f"Triton gRPC endpoint; repeat for several servers: batch spreads the scans over them, segment "
+                 f"uses the first that is ready (default {DEFAULT_URL})",
         )
     else:
         options.add_argument(
@@ -283,6 +302,12 @@ def _server_options(several_urls: bool = False, model: str = DEFAULT_MODEL) -> a
         default=DEFAULT_CONNECT_TIMEOUT_S,
         help="seconds a health or metadata call may take (default %(default)g)",
     )
+    if shared_memory:
+        options.add_argument(
+            "--shm", choices=SHM_MODES, default="auto",
+            help="pass the volume and labels through /dev/shm: auto (default) when the server is on a loopback "
+                 "address, on, off",
+        )
     add_debug_flag(options)
     return options
 
@@ -292,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     server = _server_options()
 
-    segment = commands.add_parser("segment", parents=[server], help="segment one scan (NIfTI file or DICOM folder)")
+    segment = commands.add_parser("segment", parents=[_server_options(several_urls=True, shared_memory=True)],
+                                  help="segment one scan (NIfTI file or DICOM folder)")
     segment.add_argument(
         "scan", metavar="SCAN", help="a .nii / .nii.gz file, or DICOM: a series folder, a .zip of one, or a file"
     )
@@ -323,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(handler=cmd_health)
 
     batch = commands.add_parser(
-        "batch", parents=[_server_options(several_urls=True)],
+        "batch", parents=[_server_options(several_urls=True, shared_memory=True)],
         help="segment every scan of folders, globs or lists (CSV or text)",
     )
     batch.add_argument(

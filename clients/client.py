@@ -23,8 +23,11 @@ from mixsup.clients.protocol import (
     DEFAULT_MODEL,
     DEFAULT_TIMEOUT_S,
     DEFAULT_URL,
+    INPUT_NAME,
+    LABELS_OUTPUT,
     LESION_LABEL,
     ORGAN_LABEL,
+    PROBABILITIES_OUTPUT,
     Endpoint,
     channel_args,
     describe_shape,
@@ -32,14 +35,17 @@ from mixsup.clients.protocol import (
     inference_request,
     is_connection_failure,
     normalize_url,
+    request_volume,
 )
 from mixsup.clients.result import Result, ScanSource, as_scan, segment_to_result
+from mixsup.clients.shm import SharedMemoryException, SharedMemoryRegions, wants_shared_memory
 from mixsup.clients.slabs import DEFAULT_SLAB_SLICES, SlabAnswers, slab_plan
 from mixsup.contract import ModelContract
-from mixsup.errors import ServerUnavailable
+from mixsup.errors import MixsupError, ServerUnavailable
 from mixsup.scan import Scan
 
 __all__ = ["SegmentationClient", "Result", "normalize_url"]
+
 
 
 class SegmentationClient:
@@ -47,8 +53,9 @@ class SegmentationClient:
 
     ``timeout_s`` bounds one inference (None: no bound), ``connect_timeout_s`` every health or metadata call.
     A volume longer than ``slab_slices`` goes in slabs (:mod:`mixsup.clients.slabs`): the same labels, bounded
-    server memory. Calls are thread-safe, so one client can serve a pool of worker threads; the channel
-    reconnects by itself within seconds when the server comes back after a restart.
+    server memory. ``shared_memory`` (auto|on|off, :mod:`mixsup.clients.shm`) passes the tensors through
+    ``/dev/shm`` when the server is on this host. Calls are thread-safe, so one client can serve a pool of worker
+    threads; the channel reconnects by itself within seconds when the server comes back after a restart.
     """
 
     def __init__(
@@ -58,12 +65,15 @@ class SegmentationClient:
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         slab_slices: int = DEFAULT_SLAB_SLICES,
+        shared_memory: str = "auto",
     ):
         self.url = normalize_url(url)
         self.model = model
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.slab_slices = slab_slices
+        self.shared_memory = shared_memory
+        self._use_shared_memory = wants_shared_memory(shared_memory, self.url)
         self._endpoint = Endpoint(self.url, model, timeout_s, connect_timeout_s)
         self._client = grpcclient.InferenceServerClient(url=self.url, channel_args=channel_args())
         self._contract: ModelContract | None = None
@@ -158,13 +168,66 @@ class SegmentationClient:
         return (labels, probabilities) if want_probabilities else labels
 
     def _infer(self, volume: np.ndarray, want_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        volume = request_volume(volume)
+        regions = self._shared_memory_regions(volume, want_probabilities) if self._use_shared_memory else None
+        if regions is not None:
+            with regions:
+                return self._infer_through(regions, volume, want_probabilities)
         volume, inputs, outputs = inference_request(volume, want_probabilities)
-        try:
-            answer = self._client.infer(self.model, inputs=inputs, outputs=outputs, client_timeout=self.timeout_s)
-        except InferenceServerException as exc:
-            action = f"segmenting a {describe_shape(volume.shape)} volume"
-            raise self._endpoint.translate(exc, action, during_inference=True) from None
+        answer = self._run(inputs, outputs, volume.shape)
         return self._endpoint.read_outputs(answer, volume.shape, want_probabilities)
+
+    def _run(self, inputs: list, outputs: list, shape: tuple[int, ...]):
+        try:
+            return self._client.infer(self.model, inputs=inputs, outputs=outputs, client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            action = f"segmenting a {describe_shape(shape)} volume"
+            raise self._endpoint.translate(exc, action, during_inference=True) from None
+
+    def _output_sizes(self, shape: tuple[int, ...], want_probabilities: bool) -> tuple[int, int]:
+        """Bytes of the labels (uint8) and of the probabilities (float16, 0 if not wanted) of a volume."""
+        voxels = int(np.prod(shape))
+        return voxels, (2 * self.contract().num_classes * voxels if want_probabilities else 0)
+
+    def _shared_memory_regions(self, volume: np.ndarray, want_probabilities: bool) -> SharedMemoryRegions | None:
+        """Registered regions for this request, or None (and plain gRPC from now on) when ``auto`` meets a server
+        that refuses them."""
+        try:
+            return SharedMemoryRegions(self._client, {"input": volume.nbytes,
+                                                      "output": sum(self._output_sizes(volume.shape,
+                                                                                       want_probabilities))})
+        except (InferenceServerException, SharedMemoryException) as exc:
+            if self.shared_memory == "on":
+                detail = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+                raise MixsupError(f"Triton at {self.url} cannot use shared memory with this client ({detail}); "
+                                  "use --shm off, or run the client on the server's host") from None
+            self._use_shared_memory = False
+            return None
+
+    def _infer_through(self, regions: SharedMemoryRegions, volume: np.ndarray,
+                       want_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        labels_bytes, probability_bytes = self._output_sizes(volume.shape, want_probabilities)
+        regions.write("input", volume)
+        request = grpcclient.InferInput(INPUT_NAME, list(volume.shape), "INT16")
+        request.set_shared_memory(regions.names["input"], volume.nbytes)
+        outputs = [grpcclient.InferRequestedOutput(LABELS_OUTPUT)]
+        outputs[0].set_shared_memory(regions.names["output"], labels_bytes)
+        if want_probabilities:
+            outputs.append(grpcclient.InferRequestedOutput(PROBABILITIES_OUTPUT))
+            outputs[1].set_shared_memory(regions.names["output"], probability_bytes, offset=labels_bytes)
+        answer = self._run([request], outputs, volume.shape)
+        for output in outputs:
+            returned = answer.get_output(output.name())
+            if returned is None or tuple(returned.shape[-3:]) != volume.shape:
+                shape = None if returned is None else list(returned.shape)
+                raise MixsupError(f"Triton at {self.url} returned {output.name()} of shape {shape} for a volume of "
+                                  f"{volume.shape}")
+        labels = regions.read("output", np.uint8, volume.shape)
+        probabilities = None
+        if want_probabilities:
+            classes = probability_bytes // (2 * volume.size)
+            probabilities = regions.read("output", np.float16, (classes, *volume.shape), offset=labels_bytes)
+        return labels, probabilities
 
     def segment_scan(self, scan: Scan, postprocess: bool = True) -> np.ndarray:
         """uint8 labels on ``scan``'s stored grid (same shape as ``scan.voxels``): 0 bg, 1 liver, 2 lesion."""

@@ -181,14 +181,19 @@ def inference_request(
 
     The aio client uses the same request classes (``tritonclient.grpc.aio`` re-exports them).
     """
-    volume = np.asarray(volume)
-    if volume.ndim != 3 or min(volume.shape) < 1:
-        raise InputError(f"expected a non-empty [D, H, W] volume, got shape {volume.shape}")
-    volume = to_int16_hu(volume)
+    volume = request_volume(volume)
     request = grpcclient.InferInput(INPUT_NAME, list(volume.shape), "INT16")
     request.set_data_from_numpy(volume)
     names = [LABELS_OUTPUT] + ([PROBABILITIES_OUTPUT] if want_probabilities else [])
     return volume, [request], [grpcclient.InferRequestedOutput(name) for name in names]
+
+
+def request_volume(volume: np.ndarray) -> np.ndarray:
+    """A ``[D, H, W]`` HU volume as the ``segment`` model takes it: int16 (InputError if not 3D and non-empty)."""
+    volume = np.asarray(volume)
+    if volume.ndim != 3 or min(volume.shape) < 1:
+        raise InputError(f"expected a non-empty [D, H, W] volume, got shape {volume.shape}")
+    return to_int16_hu(volume)
 
 
 def describe_shape(shape: tuple[int, ...]) -> str:

@@ -170,3 +170,23 @@ def test_slab_plan_keeps_every_slice_once_with_its_halo():
     assert [(s.send.start, s.send.stop, s.keep.start, s.keep.stop) for s in slabs] == [
         (0, 6, 0, 4), (2, 10, 4, 8), (6, 10, 8, 10)]
     assert [s.kept_in_answer for s in slabs] == [slice(0, 4), slice(2, 6), slice(2, 4)]
+
+
+def test_shared_memory_gives_the_grpc_answer_and_leaves_nothing_behind(real_triton):
+    from pathlib import Path
+
+    from mixsup.clients.shm import is_loopback, wants_shared_memory
+
+    volume = np.random.default_rng(4).integers(-100, 300, size=(6, 12, 10)).astype(np.int16)
+    with SegmentationClient(real_triton, shared_memory="off") as plain, \
+            SegmentationClient(real_triton, shared_memory="on") as shared:
+        expected = plain.segment_volume(volume, want_probabilities=True)
+        labels, probabilities = shared.segment_volume(volume, want_probabilities=True)
+        assert np.array_equal(shared.segment_volume(volume), expected[0])
+        assert shared._use_shared_memory  # it did not fall back
+    assert np.array_equal(labels, expected[0]) and np.array_equal(probabilities, expected[1])
+    assert not list(Path("/dev/shm").glob("mixsup_client_*"))
+    assert [is_loopback(u) for u in ("127.0.0.1:8001", "localhost:1", "[::1]:8001", "10.0.0.5:8001", "triton:8001")] \
+        == [True, True, True, False, False]
+    assert wants_shared_memory("auto", "127.0.0.1:8001") and not wants_shared_memory("auto", "triton:8001")
+    assert wants_shared_memory("on", "triton:8001") and not wants_shared_memory("off", "127.0.0.1:8001")

@@ -243,6 +243,21 @@ def test_segment_writes_labels_on_the_input_grid(tmp_path, capsys, real_triton):
 
 
 @pytest.mark.triton
+def test_segment_uses_the_first_ready_server_of_several(tmp_path, capsys, real_triton):
+    voxels, _ = write_scan(tmp_path / "scan.nii.gz")
+    away = f"127.0.0.1:{free_port()}"
+    requests = segment_requests(real_triton)
+    code, _, err = run_cli(capsys, "segment", tmp_path / "scan.nii.gz", "--url", away, "--url", real_triton,
+                           "--shm", "off")
+    assert code == 0, err
+    assert np.array_equal(nib.load(str(tmp_path / "scan_seg.nii.gz")).get_fdata(), expected_labels(voxels))
+    assert segment_requests(real_triton) == requests + 1
+    code, out, err = run_cli(capsys, "segment", tmp_path / "scan.nii.gz", "-o", tmp_path / "x.nii.gz",
+                             "--url", away, "--url", f"127.0.0.1:{free_port()}")
+    assert code == 3 and len(err.strip().splitlines()) == 1 and not (tmp_path / "x.nii.gz").exists()
+
+
+@pytest.mark.triton
 def test_segment_without_postprocessing_and_with_probabilities(tmp_path, capsys, real_triton):
     voxels, _ = write_scan(tmp_path / "scan.nii.gz")
     out_path, prob_path = tmp_path / "labels.nii", tmp_path / "prob.nii.gz"

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from triton_utils import (
     free_ports,
@@ -34,6 +35,9 @@ from triton_utils import (
     wait_for,
 )
 
+from mixsup.clients.client import SegmentationClient
+from mixsup.clients.shm import SharedMemoryRegions
+from mixsup.errors import MixsupError
 from mixsup.serving import launcher, processes, supervisor
 
 SHM = Path("/dev/shm")
@@ -334,6 +338,18 @@ def test_beyond_loopback_the_restricted_apis_are_closed(tmp_path):
                 client.unload_model("sleeper")
             with pytest.raises(InferenceServerException, match="restricted"):
                 client.register_system_shared_memory("r", "/r", 8)
+            # The client's shared memory: refused, nothing left in /dev/shm; `auto` falls back to plain gRPC for
+            # good, `on` says why in one line.
+            with pytest.raises(InferenceServerException, match="restricted"):
+                SharedMemoryRegions(client, {"input": 8, "output": 4})
+        assert not list(Path("/dev/shm").glob(f"mixsup_client_{os.getpid()}_*"))
+        volume = np.zeros((1, 2, 2), np.int16)
+        with SegmentationClient(grpc_url, model="sleeper") as auto:
+            assert auto._shared_memory_regions(volume, False) is None and not auto._use_shared_memory
+        with SegmentationClient(grpc_url, model="sleeper", shared_memory="on") as insisting:
+            with pytest.raises(MixsupError, match="cannot use shared memory") as refused:
+                insisting._shared_memory_regions(volume, False)
+            assert "\n" not in str(refused.value)
     finally:
         assert stop_serve(proc) == 0, launcher_output(proc)
 
