@@ -32,7 +32,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
+from measure import PeakRss, make_scan  # noqa: E402
 from triton_utils import start_serve, stop_serve  # noqa: E402
 
 from mixsup.clients.client import SegmentationClient  # noqa: E402
@@ -58,14 +58,6 @@ ROI, OVERLAP, BATCH, SIGMA = (160, 160), 0.25, 8, 0.125
 
 
 # ------------------------------------------------------------------------------------------------- set-up
-
-
-def make_scan(folder: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> Path:
-    """One phantom of the project's generator, stored at ``shape`` (D, H, W) and ``spacing`` (mm)."""
-    subprocess.run([str(BIN / "mixsup-data"), "phantoms", str(folder), "--n", "1", "--seed", "4242",
-                    "--shape", *map(str, shape), "--spacing", *map(str, spacing)],
-                   check=True, stdout=subprocess.DEVNULL)
-    return folder / "volume-0.nii.gz"
 
 
 def make_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -186,47 +178,6 @@ def timed(function: Callable[[], Any], repeats: int) -> tuple[float, list[float]
         result = function()
         runs.append(time.perf_counter() - started)
     return float(np.median(runs[1:])), [round(r, 3) for r in runs], result
-
-
-class PeakRss:
-    """Peak resident memory (MB) of a process and its descendants, sampled every 50 ms in a thread."""
-
-    def __init__(self, pid: int):
-        import psutil
-
-        self.process = psutil.Process(pid)
-        self.peak = 0.0
-        self.start = self.sample()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> float:
-        import psutil
-
-        total = 0
-        try:
-            for process in [self.process, *self.process.children(recursive=True)]:
-                try:
-                    total += process.memory_info().rss
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            return self.peak
-        mb = total / 2**20
-        self.peak = max(self.peak, mb)
-        return mb
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.sample()
-
-    def __enter__(self) -> "PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def cli_segment(scan: Path, out: Path, url: str) -> tuple[float, float]:
