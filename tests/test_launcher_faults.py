@@ -353,3 +353,25 @@ def test_beyond_loopback_the_restricted_apis_are_closed(tmp_path):
     finally:
         assert stop_serve(proc) == 0, launcher_output(proc)
 
+
+
+def test_a_server_started_by_a_killed_test_process_goes_with_it(tmp_path):
+    """tests/triton_utils.start_serve sets a parent-death signal: SIGKILL the process that started the server
+    (as a killed pytest run) and the launcher, Triton and its stubs all go."""
+    repository = write_sleeper(tmp_path / "repo", tmp_path / "executing")
+    script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from triton_utils import launched_pids, start_serve\n"
+              f"proc, _, _ = start_serve({str(repository)!r}, log_dir={str(tmp_path / 'logs')!r})\n"
+              "print(proc.pid, *launched_pids(proc), flush=True)\n"
+              "time.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split() if p != "None"]
+        assert pids and all(is_running(pid) for pid in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while any(is_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in pids if is_running(pid)]

@@ -75,7 +75,8 @@ def start_serve(
             *extra_args]
     with open(launcher_log, "wb") as out:
         proc = subprocess.Popen(serve_command(repository, grpc_port, http_port, metrics_port, args),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_stop_with_parent)
     setattr(proc, LAUNCHER_LOG_ATTR, str(launcher_log))
     http_url = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + startup_timeout + 30
@@ -87,6 +88,14 @@ def start_serve(
         time.sleep(0.2)
     stop_serve(proc)
     raise RuntimeError(f"mixsup-serve not ready in time:\n{launcher_output(proc)}")
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, so a killed pytest (or benchmark) leaves no
+    server behind; the launcher then stops Triton and its stubs as on any SIGTERM."""
+    from mixsup.serving.processes import PR_SET_PDEATHSIG, prctl
+
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_serve(proc: subprocess.Popen, timeout: float = 60.0) -> int:
