@@ -11,7 +11,6 @@ Usage: python benchmarks/batch_throughput.py [--cases 8] [--jobs 1 2] [--out FIL
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from evaluate_served_model import own_phantoms, segment_with_cli, start_server  # noqa: E402
+from measure import print_and_write  # noqa: E402
 from triton_utils import stop_serve  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -63,11 +63,7 @@ def main() -> None:
     first = runs[str(args.jobs[0])]["seconds"]
     for jobs, run in runs.items():
         run["speedup_vs_first"] = round(first / run["seconds"], 2)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_and_write(results, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from foreign_phantoms import make_foreign_case  # noqa: E402
 from independent_phantoms import make_case as make_independent_case  # noqa: E402
+from measure import print_and_write  # noqa: E402
 from triton_utils import start_serve, stop_serve  # noqa: E402
 
 from mixsup.metrics import GlobalDice, dice  # noqa: E402
@@ -170,11 +170,7 @@ def main() -> None:
                 results["end_to_end_cli_seconds"] = timing
         finally:
             stop_serve(server)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_and_write(results, args.out)
 
 
 if __name__ == "__main__":

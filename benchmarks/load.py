@@ -12,7 +12,6 @@ Usage: python benchmarks/load.py [--repository model_repository] [--clients 4] [
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from measure import PeakRss, make_scan  # noqa: E402
+from measure import PeakRss, make_scan, print_and_write  # noqa: E402
 from triton_utils import start_serve, stop_serve  # noqa: E402
 
 from mixsup.clients.client import SegmentationClient  # noqa: E402
@@ -92,11 +91,7 @@ def main() -> None:
         "server_alive_at_end": live,
         "command": "python benchmarks/load.py " + " ".join(sys.argv[1:]),
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_and_write(results, args.out)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,22 @@
 """Helpers the speed benchmarks share: a phantom CT at a given size, and peak memory of a process tree."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+
+
+def print_and_write(results: dict, out: Path | None) -> None:
+    """Print a benchmark's results as JSON, and write them to ``out`` (folders made) when given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 def make_scan(folder: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> Path:

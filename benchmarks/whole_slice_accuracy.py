@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE))
 from evaluate_served_model import generated_phantoms, labels_in_process, own_phantoms  # noqa: E402
 from foreign_phantoms import make_foreign_case  # noqa: E402
 from independent_phantoms import make_case as make_independent_case  # noqa: E402
+from measure import print_and_write  # noqa: E402
 
 from mixsup.metrics import GlobalDice  # noqa: E402
 from mixsup.readers import read_scan  # noqa: E402
@@ -74,11 +75,7 @@ def main() -> None:
     worst = max(abs(v) for name in sets for v in results[name]["difference_whole_minus_tiled"].values())
     results["largest_abs_difference"] = worst
     results["within_0_005"] = bool(worst <= 0.005)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_and_write(results, args.out)
 
 
 if __name__ == "__main__":
