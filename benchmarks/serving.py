@@ -267,9 +267,10 @@ def main() -> None:
 
         server, url, _ = start_serve(work / "repository", log_dir=work / "logs")
         try:
+            with SegmentationClient(url) as client:
+                measure("served", lambda: client.segment_volume(volume))
+            # Memory is sampled from here on, not while the served path is timed: sampling costs CPU.
             with PeakRss(server.pid) as server_rss:
-                with SegmentationClient(url) as client:
-                    measure("served", lambda: client.segment_volume(volume))
                 cli_runs = [cli_segment(scan_path, work / "labels.nii.gz", url) for _ in range(args.repeats + 1)][1:]
                 throughput = {str(n): round(scans_per_minute(url, volume, n, 2), 2) for n in args.clients}
                 print(f"{'scans/minute':>20}: {throughput}", flush=True)
