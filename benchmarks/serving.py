@@ -298,7 +298,7 @@ def main() -> None:
         "cli_end_to_end_seconds": round(cli_seconds, 2),
         "client_seconds": round(cli_seconds - seconds["served"], 2),
         "scans_per_minute_by_clients": throughput,
-        "peak_rss_mb": {"server": round(server_rss.peak), "server_at_start": round(server_rss.start),
+        "peak_rss_mb": {"server": round(server_rss.peak), "server_after_served_runs": round(server_rss.start),
                         "cli": round(max(rss for _, rss in cli_runs))},
         "work": {"network_gflop_whole_slices": round(whole_gflop, 1), "network_gflop_tiled": round(tiled_gflop, 1),
                  "matmul_gflops": round(ceiling, 1),
