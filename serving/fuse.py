@@ -36,8 +36,24 @@ def fuse_probabilities(
     if shape[0] > 256:
         raise ValueError(f"{shape[0]} classes do not fit uint8 labels")
     member_weights = normalized_weights(weights, len(member_probs))
+    if len(member_probs) == 1:
+        # One member: its float16 values widen to float32 exactly, so the float32 argmax is the float16 one.
+        probs = np.asarray(member_probs[0])
+        return first_max_index(probs), probs.astype(np.float16, copy=False)
     fused = np.zeros(shape, dtype=np.float32)
     for probs, weight in zip(member_probs, member_weights):
         fused += np.float32(weight) * np.asarray(probs, dtype=np.float32)
-    labels = np.argmax(fused, axis=0).astype(np.uint8)
-    return labels, fused.astype(np.float16)
+    return first_max_index(fused), fused.astype(np.float16)
+
+
+def first_max_index(scores: np.ndarray) -> np.ndarray:
+    """``np.argmax(scores, axis=0)`` as uint8 for a few classes (ties go to the lower class), class by class:
+    numpy's argmax along a leading axis strides through memory, ~8x slower on a [3, 100, 224, 224] map."""
+    # Compared in float32 (exact for float16 input): numpy emulates float16 arithmetic, several times slower.
+    best = np.array(scores[0], dtype=np.float32)
+    labels = np.zeros(best.shape, dtype=np.uint8)
+    for index in range(1, scores.shape[0]):
+        score = np.asarray(scores[index], dtype=np.float32)
+        labels[score > best] = index
+        np.maximum(best, score, out=best)
+    return labels

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mixsup.serving.fuse import fuse_probabilities, normalized_weights
+from mixsup.serving.fuse import first_max_index, fuse_probabilities, normalized_weights
 
 
 def random_probs(shape, seed):
@@ -57,3 +57,12 @@ def test_bad_members_or_weights(members, weights):
 
 def test_normalized_weights_sum_to_one():
     np.testing.assert_allclose(normalized_weights([2, 6], 2), [0.25, 0.75])
+
+
+def test_first_max_index_is_argmax_with_ties_to_the_lower_class():
+    rng = np.random.default_rng(0)
+    ties = rng.integers(0, 3, (4, 20, 30)).astype(np.float32)  # many exact ties
+    assert np.array_equal(first_max_index(ties), np.argmax(ties, axis=0))
+    half = rng.random((3, 5, 40, 40)).astype(np.float16)
+    labels = first_max_index(half)
+    assert labels.dtype == np.uint8 and np.array_equal(labels, np.argmax(half.astype(np.float32), axis=0))

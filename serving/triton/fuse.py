@@ -34,9 +34,11 @@ class TritonPythonModel:
             try:
                 member_probs = [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs]
                 labels, probabilities = fuse_probabilities(member_probs, self.weights)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(LABELS, labels), pb_utils.Tensor(PROBABILITIES, probabilities),
-                ]))
+                outputs = [pb_utils.Tensor(LABELS, labels)]
+                # Probabilities are 3 bytes of float16 per voxel and class: copied out only when asked for.
+                if PROBABILITIES in request.requested_output_names():
+                    outputs.append(pb_utils.Tensor(PROBABILITIES, probabilities))
+                responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(one_line(exc))))
         return responses
