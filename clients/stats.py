@@ -17,6 +17,7 @@ import cc3d
 import numpy as np
 
 from mixsup.metrics import voxel_volume_ml
+from mixsup.postprocess import bounding_box
 
 #: Corner neighbours count, as in :mod:`mixsup.postprocess`: one lesion is not split by a diagonal step.
 LESION_CONNECTIVITY = 26
@@ -86,11 +87,14 @@ def segmentation_stats(
 def _lesions(mask: np.ndarray, affine: np.ndarray, voxel_ml: float) -> list[Lesion]:
     if not mask.any():
         return []
-    components = cc3d.connected_components(mask, connectivity=LESION_CONNECTIVITY, binary_image=True)
+    # Components are found inside the lesions' bounding box (the same components, a fraction of a CT volume);
+    # centroids are shifted back to the volume's voxel indices.
+    box = bounding_box(mask)
+    components = cc3d.connected_components(mask[box], connectivity=LESION_CONNECTIVITY, binary_image=True)
     statistics = cc3d.statistics(components)
     # Index 0 is the background component.
     counts = np.asarray(statistics["voxel_counts"])[1:]
-    centroids = np.asarray(statistics["centroids"], dtype=np.float64)[1:]
+    centroids = np.asarray(statistics["centroids"], dtype=np.float64)[1:] + [axis.start for axis in box]
     lesions = []
     for index in np.argsort(-counts, kind="stable"):
         voxels = int(counts[index])
