@@ -130,17 +130,16 @@ def _client(args: argparse.Namespace, url: str | None = None) -> SegmentationCli
 def _first_ready_client(args: argparse.Namespace) -> SegmentationClient:
     """A client of the first server in ``--url`` order whose model is ready (a scan needs only one); the last
     server's reason when none is."""
-    urls = list(dict.fromkeys(args.url or [DEFAULT_URL]))
-    for index, url in enumerate(urls):
+    error: ServerUnavailable | None = None
+    for url in dict.fromkeys(args.url or [DEFAULT_URL]):
         client = _client(args, url)
         try:
             client.ensure_ready()
             return client
-        except ServerUnavailable:
+        except ServerUnavailable as exc:
             client.close()
-            if index == len(urls) - 1:
-                raise
-    raise AssertionError("unreachable: urls is never empty")
+            error = exc
+    raise error
 
 
 # -- segment ------------------------------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ from mixsup.scan import Scan
 __all__ = ["SegmentationClient", "Result", "normalize_url"]
 
 
-
 class SegmentationClient:
     """Segments scans with the ``model`` ensemble served at ``url`` (``HOST:PORT``, gRPC).
 
@@ -218,14 +217,12 @@ class SegmentationClient:
         answer = self._run([request], outputs, volume.shape)
         for output in outputs:
             returned = answer.get_output(output.name())
-            if returned is None or tuple(returned.shape[-3:]) != volume.shape:
-                shape = None if returned is None else list(returned.shape)
-                raise MixsupError(f"Triton at {self.url} returned {output.name()} of shape {shape} for a volume of "
-                                  f"{volume.shape}")
+            self._endpoint.check_output_shape(output.name(), None if returned is None else list(returned.shape),
+                                              volume.shape)
         labels = regions.read("output", np.uint8, volume.shape)
         probabilities = None
         if want_probabilities:
-            classes = probability_bytes // (2 * volume.size)
+            classes = self.contract().num_classes
             probabilities = regions.read("output", np.float16, (classes, *volume.shape), offset=labels_bytes)
         return labels, probabilities
 

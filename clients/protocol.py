@@ -162,10 +162,13 @@ class Endpoint:
 
     def _output(self, result: Any, name: str, volume_shape: tuple[int, ...]) -> np.ndarray:
         array = result.as_numpy(name)
-        if array is None or tuple(array.shape[-3:]) != tuple(volume_shape):
-            shape = None if array is None else array.shape
-            raise MixsupError(f"Triton at {self.url} returned {name} of shape {shape} for a volume of {volume_shape}")
+        self.check_output_shape(name, None if array is None else array.shape, volume_shape)
         return array
+
+    def check_output_shape(self, name: str, shape: Any, volume_shape: tuple[int, ...]) -> None:
+        """A MixsupError unless output ``name`` came back (``shape`` not None) ending in the volume's shape."""
+        if shape is None or tuple(shape[-3:]) != tuple(volume_shape):
+            raise MixsupError(f"Triton at {self.url} returned {name} of shape {shape} for a volume of {volume_shape}")
 
 
 def health_report(url: str, model: str) -> dict:

@@ -26,21 +26,7 @@ def resample_inplane(volume: np.ndarray, out_hw: Sequence[int], order: int = 1) 
     if tuple(volume.shape[-2:]) == out_hw:
         return volume
     scale = np.array([volume.shape[-2] / out_hw[0], volume.shape[-1] / out_hw[1]])
-    lead = volume.shape[:-2]
-    flat = volume.reshape((-1,) + volume.shape[-2:])
-    out = np.empty((flat.shape[0],) + out_hw, dtype=volume.dtype)
-    for index in range(flat.shape[0]):
-        ndimage.affine_transform(
-            flat[index],
-            matrix=scale,
-            offset=0.5 * scale - 0.5,
-            output_shape=out_hw,
-            output=out[index],
-            order=order,
-            mode="nearest",
-            prefilter=False,
-        )
-    return out.reshape(lead + out_hw)
+    return _scale_slices(volume, scale, 0.5 * scale - 0.5, out_hw, order)
 
 
 def output_window(size_in: int, size_out: int, source: slice) -> slice:
@@ -71,10 +57,16 @@ def resample_inplane_window(volume: np.ndarray, out_hw: Sequence[int], rows: sli
     crop = volume[..., first[0]:last[0], first[1]:last[1]]
     # Positions beyond the crop's edges are beyond the volume's edges too (clamped the same way, mode nearest).
     offset = (np.array([rows.start, columns.start]) + 0.5) * scale - 0.5 - first
-    lead = crop.shape[:-2]
-    flat = crop.reshape((-1,) + crop.shape[-2:])
-    out = np.empty((flat.shape[0],) + window_shape, dtype=volume.dtype)
+    return _scale_slices(crop, scale, offset, window_shape, order)
+
+
+def _scale_slices(volume: np.ndarray, scale: np.ndarray, offset: np.ndarray, out_hw: tuple[int, int],
+                  order: int) -> np.ndarray:
+    """Every ``[H, W]`` slice of ``volume`` sampled at ``out * scale + offset`` (spline ``order``, no prefilter,
+    edges clamped), into ``[..., *out_hw]`` of the volume's dtype."""
+    flat = volume.reshape((-1,) + volume.shape[-2:])
+    out = np.empty((flat.shape[0],) + tuple(out_hw), dtype=volume.dtype)
     for index in range(flat.shape[0]):
-        ndimage.affine_transform(flat[index], matrix=scale, offset=offset, output_shape=window_shape,
+        ndimage.affine_transform(flat[index], matrix=scale, offset=offset, output_shape=out_hw,
                                  output=out[index], order=order, mode="nearest", prefilter=False)
-    return out.reshape(lead + window_shape)
+    return out.reshape(volume.shape[:-2] + tuple(out_hw))
