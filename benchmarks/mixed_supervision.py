@@ -7,6 +7,9 @@ pseudo-labels). Rows, each trained with ``mixsup-train`` in its own process:
 * ``strong-only`` -- the ``unet`` baseline on the 30% strong cases;
 * ``full``        -- the same U-Net on all 90% with masks (the ceiling mixed supervision aims at);
 * ``teacher-student``, ``msdn``, ``lazy``, ``asdnet`` -- each method on 30% strong + 60% weak;
+* ``teacher-student + Dice`` -- the same, its student trained with the baseline's CE + soft Dice instead of the
+  paper's plain CE (``--set student_dice_weight=1``), so that its gap to ``full`` measures the supervision
+  alone, not the loss;
 * ``teacher-student 10:80 / 50:40 / 90:0`` -- the strong:weak sweep of the teacher-student paper's Fig. 10,
   for teacher-student (chosen beforehand as the method the sweep comes from, not after looking at the table);
 * ``teacher-student perturbed`` -- 30:60 with the weak boxes perturbed as in that paper's robustness study.
@@ -100,19 +103,22 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table: a recipe on a strong:weak split, optionally with perturbed boxes."""
+    """One line of the table: a recipe on a strong:weak split, optionally with perturbed boxes and recipe
+    options beyond the preset's (``mixsup-train --set``)."""
 
     method: str
     recipe: str
     strong: float
     weak: float
     perturbed: bool = False
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 ROWS = [
     Row("strong-only", "unet", STRONG_SHARE, 0.0),
     Row("full", "unet", STRONG_SHARE + WEAK_SHARE, 0.0),
     Row("teacher-student", "teacher-student", STRONG_SHARE, WEAK_SHARE),
+    Row("teacher-student + Dice", "teacher-student", STRONG_SHARE, WEAK_SHARE, options=(("student_dice_weight", 1.0),)),
     Row("msdn", "msdn", STRONG_SHARE, WEAK_SHARE),
     Row("lazy", "lazy", STRONG_SHARE, WEAK_SHARE),
     Row("asdnet", "asdnet", STRONG_SHARE, WEAK_SHARE),
@@ -121,7 +127,7 @@ ROWS = [
     Row("teacher-student 90:0", "teacher-student", 0.9, 0.0),
     Row("teacher-student perturbed", "teacher-student", STRONG_SHARE, WEAK_SHARE, perturbed=True),
 ]
-MAIN_ROWS = ROWS[:6]
+MAIN_ROWS = ROWS[:7]
 #: Seconds of a training step relative to the U-Net's (measured at the cpu preset), for scheduling only.
 RELATIVE_COST = {"unet": 1.0, "teacher-student": 2.2, "lazy": 2.1, "asdnet": 3.9, "msdn": 6.0}
 SWEEP = ["teacher-student 10:80", "teacher-student", "teacher-student 50:40", "teacher-student 90:0"]
@@ -219,7 +225,7 @@ def train_run(row: Row, seed: int, manifest: Path, out: Path, preset: Preset) ->
     done = out / "seconds.txt"
     if done.is_file():
         return float(done.read_text())
-    settings = {**preset.train, **preset.recipe_options.get(row.recipe, {}), "seed": seed}
+    settings = {**preset.train, **preset.recipe_options.get(row.recipe, {}), **dict(row.options), "seed": seed}
     command = [str(BIN / "mixsup-train"), row.recipe, "--data", str(manifest), "--out", str(out), "--no-progress",
                *[arg for key, value in settings.items() for arg in ("--set", f"{key}={json.dumps(value)}")]]
     started = time.perf_counter()
@@ -277,7 +283,8 @@ def interval(values: Sequence[float]) -> dict[str, float]:
 def summarise(row: Row, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row of the results: means over seeds of every metric, per-seed values and intervals."""
     summary: dict[str, Any] = {"method": row.method, "recipe": row.recipe, "strong": row.strong, "weak": row.weak,
-                               "perturbed_boxes": row.perturbed, "seeds": [r["seed"] for r in runs],
+                               "perturbed_boxes": row.perturbed, "recipe_options": dict(row.options),
+                               "seeds": [r["seed"] for r in runs],
                                "seconds_mean": float(np.mean([r["seconds"] for r in runs]))}
     for test_set in TEST_SETS:
         for metric in runs[0][test_set]:
@@ -423,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         validation = int(round(VALIDATION * preset.pool))
 
         def one_run(row: Row, seed: int) -> dict[str, Any]:
-            name = f"{row.method.replace(' ', '_').replace(':', '-')}-seed{seed}"
+            name = f"{row.method.replace(' + ', '_plus_').replace(' ', '_').replace(':', '-')}-seed{seed}"
             out = work / "runs" / name
             out.mkdir(parents=True, exist_ok=True)
             # Manifests sit in the pool folder: their paths are relative to where they are.

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from mixsup.training.losses import (
     one_hot_targets,
     segmentation_localization_loss,
+    soft_dice_loss,
     weighted_soft_cross_entropy,
 )
 from mixsup.training.models.teacher_student import (
@@ -279,6 +280,44 @@ def test_student_segmentation_loss_is_minimised_by_the_soft_target_itself():
     losses = segmentation_localization_loss(logits, target, localization, box_classes, torch.tensor([0.1, 0.1, 1.0]))
     losses["segmentation"].backward()
     assert logits.grad.abs().max().item() < 1e-5  # a stationary point: the target is the optimum
+
+
+def test_student_dice_weight_adds_the_baselines_soft_dice_against_the_same_targets():
+    """``student_dice_weight`` (off by default, as in the paper) adds the baseline U-Net's batch soft Dice of
+    liver and lesion; with one-hot targets it is exactly the baseline's term, and a soft target counts its
+    probabilities. A student that never predicts the lesion pays for it through this term, not only through CE."""
+    labels = torch.randint(0, 3, (2, 8, 8))
+    logits = torch.randn(2, 3, 8, 8)
+    localization, box_classes = torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long)
+    weights = torch.tensor([0.1, 0.1, 1.0])
+    hard = one_hot_targets(labels, 3)
+    plain = segmentation_localization_loss(logits, hard, localization, box_classes, weights)
+    assert "dice" not in plain
+    with_dice = segmentation_localization_loss(logits, hard, localization, box_classes, weights, dice_weight=0.5)
+    assert with_dice["dice"].item() == pytest.approx(soft_dice_loss(logits, labels, (1, 2)).item(), rel=1e-6)
+    assert with_dice["loss"].item() == pytest.approx(plain["loss"].item() + 0.5 * with_dice["dice"].item(), rel=1e-6)
+
+    soft = torch.softmax(torch.randn(2, 3, 8, 8), dim=1)
+    p = torch.softmax(logits, dim=1)
+    expected = 1 - np.mean([(2 * (p[:, c] * soft[:, c]).sum() / (p[:, c].sum() + soft[:, c].sum())).item()
+                            for c in (1, 2)])
+    dice = segmentation_localization_loss(logits, soft, localization, box_classes, weights, dice_weight=1.0)["dice"]
+    assert dice.item() == pytest.approx(expected, rel=1e-4)
+
+    # The option reaches the step: same student and batch, the loss grows by the Dice term.
+    student = StudentUNet(TINY)
+    batch = {STRONG: Batch(STRONG, torch.randn(2, 3, 32, 32) * 200, box_masks(2, 32), torch.randint(0, 3, (2, 32, 32)))}
+    config = tiny_config()
+    assert RECIPE.option(config, "student_dice_weight") == 0.0
+    losses = {}
+    for weight in (0.0, 1.0):
+        snapshot = StudentUNet(TINY)
+        snapshot.load_state_dict(student.state_dict())
+        optimizer = torch.optim.SGD(snapshot.parameters(), lr=0.0)
+        losses[weight] = RECIPE.train_step("student", {"student": snapshot}, batch, {"student": optimizer},
+                                           dataclasses.replace(config, options={"student_dice_weight": weight}))
+    assert "dice" not in losses[0.0] and losses[1.0]["dice"] > 0
+    assert losses[1.0]["loss"] == pytest.approx(losses[0.0]["loss"] + losses[1.0]["dice"], rel=1e-5)
 
 
 def test_recipe_defaults_are_the_papers():

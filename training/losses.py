@@ -12,11 +12,17 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, classes: Sequence
 
     Batch Dice keeps the loss defined on crops where a small class is absent.
     """
+    return soft_dice_loss_to_probabilities(logits, one_hot_targets(target, logits.shape[1]), classes, eps)
+
+
+def soft_dice_loss_to_probabilities(logits: torch.Tensor, target_probabilities: torch.Tensor, classes: Sequence[int],
+                                    eps: float = 1e-5) -> torch.Tensor:
+    """:func:`soft_dice_loss` against per-pixel class probabilities [N, C, ...] (one-hot or soft pseudo-labels)."""
     probabilities = torch.softmax(logits, dim=1)
+    target_probabilities = target_probabilities.to(probabilities.dtype)
     losses = []
     for label in classes:
-        p = probabilities[:, label]
-        t = (target == label).to(p.dtype)
+        p, t = probabilities[:, label], target_probabilities[:, label]
         intersection = (p * t).sum()
         losses.append(1.0 - (2.0 * intersection + eps) / (p.sum() + t.sum() + eps))
     return torch.stack(losses).mean()
@@ -52,21 +58,27 @@ def one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def segmentation_localization_loss(segmentation_logits: torch.Tensor, segmentation_targets: torch.Tensor,
                                    localization_logits: torch.Tensor, localization_labels: torch.Tensor,
-                                   localization_weights: torch.Tensor, alpha: float = 1.0) -> dict[str, torch.Tensor]:
-    """The student's ``CE_seg + alpha * CE_loc`` (the paper's Eq. 4).
+                                   localization_weights: torch.Tensor, alpha: float = 1.0,
+                                   dice_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """The student's ``CE_seg + alpha * CE_loc`` (the paper's Eq. 4), plus ``dice_weight`` times the baseline's
+    batch soft Dice of liver and lesion against the same targets when ``dice_weight`` > 0.
 
     ``CE_seg`` is the plain (unweighted) cross-entropy against ``segmentation_targets`` [N, C, h, w]
     (one-hot for masks, soft for pseudo-labels). Only ``CE_loc`` is class-weighted, with
     ``localization_weights`` (background / organ box / lesion box): the paper weighs lesion 1.0 and liver 0.1 "in
     the localization loss". Weighing the segmentation term too would pull a soft target of (0, 0.8, 0.2) towards
     p(lesion) ~ 0.7. ``localization_labels`` [N, h, w] are box-derived classes.
-    Returns ``{"loss", "segmentation", "localization"}``.
+    Returns ``{"loss", "segmentation", "localization"}``, and ``"dice"`` when it is used.
     """
     segmentation = weighted_soft_cross_entropy(segmentation_logits, segmentation_targets)
     localization = weighted_soft_cross_entropy(
         localization_logits, one_hot_targets(localization_labels, localization_logits.shape[1]), localization_weights)
-    return {"loss": segmentation + alpha * localization, "segmentation": segmentation,
-            "localization": localization}
+    losses = {"loss": segmentation + alpha * localization, "segmentation": segmentation,
+              "localization": localization}
+    if dice_weight > 0:
+        losses["dice"] = soft_dice_loss_to_probabilities(segmentation_logits, segmentation_targets, (1, 2))
+        losses["loss"] = losses["loss"] + dice_weight * losses["dice"]
+    return losses
 
 
 # ------------------------------------------------------------------------------------------ asdnet

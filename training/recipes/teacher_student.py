@@ -15,7 +15,10 @@ and pseudo-labelled weak crops (soft labels) with ``CE_seg + alpha * CE_loc`` (E
 the box-derived map (background / organ box / lesion box) that both kinds of crops carry. ``CE_seg`` is
 unweighted; only ``CE_loc`` carries class weights (background, liver, lesion) = (0.1, 0.1, 1.0): the paper gives
 lesion 1.0 and liver 0.1 "in the localization loss"; background, the most frequent class in a crop, gets the
-liver's 0.1 rather than more (our choice; the paper is silent). Only the student's U-Net is exported.
+liver's 0.1 rather than more (our choice; the paper is silent). ``student_dice_weight`` > 0 adds the baseline
+U-Net's batch soft Dice (liver, lesion) to ``CE_seg``, against the same hard or soft targets: not in the paper,
+it lets a benchmark compare supervision with the loss held equal to the baseline's (plain CE leaves the rare
+lesion class to few gradients). Only the student's U-Net is exported.
 """
 from __future__ import annotations
 
@@ -110,6 +113,7 @@ class TeacherStudentRecipe(Recipe):
         "localization_weight_liver": 0.1,
         "localization_weight_lesion": 1.0,
         "teacher_box_input": False,         # boxes also as teacher input channels (the paper's SCN ablation)
+        "student_dice_weight": 0.0,         # the baseline's soft Dice beside CE_seg (not the paper's; docstring)
         "weak_fraction": 0.5,               # share of each student batch drawn from pseudo-labelled weak cases
         "teacher_epochs": 0,                # 0: config.epochs
         "student_epochs": 0,
@@ -143,7 +147,8 @@ class TeacherStudentRecipe(Recipe):
         else:
             network, losses = "student", self.student_losses(modules["student"], batches,
                                                              self.localization_weights(config),
-                                                             float(self.option(config, "alpha")))
+                                                             float(self.option(config, "alpha")),
+                                                             float(self.option(config, "student_dice_weight")))
         optimizer = optimizers[network]
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -159,9 +164,10 @@ class TeacherStudentRecipe(Recipe):
 
     @staticmethod
     def student_losses(student: nn.Module, batches: Mapping[str, Batch], localization_weights: torch.Tensor,
-                       alpha: float) -> dict[str, torch.Tensor]:
-        """``CE_seg + alpha * CE_loc`` on strong (hard labels) and weak (soft labels) crops in one forward pass;
-        ``localization_weights`` (background, organ box, lesion box) weigh the localization term only.
+                       alpha: float, dice_weight: float = 0.0) -> dict[str, torch.Tensor]:
+        """``CE_seg + alpha * CE_loc`` (+ ``dice_weight`` * soft Dice) on strong (hard labels) and weak (soft
+        labels) crops in one forward pass; ``localization_weights`` (background, organ box, lesion box) weigh the
+        localization term only.
 
         One forward over the concatenation keeps BatchNorm statistics over the mixed batch, as the paper trains
         on the mixed dataset. Weak crops must carry ``soft_labels`` (written by the teacher stage).
@@ -184,7 +190,7 @@ class TeacherStudentRecipe(Recipe):
         segmentation, localization = student(torch.cat(images))
         return segmentation_localization_loss(segmentation, torch.cat(targets).to(segmentation),
                                               localization, localization_targets(torch.cat(boxes)),
-                                              localization_weights, alpha)
+                                              localization_weights, alpha, dice_weight)
 
     def segmentation_network(self, modules: nn.ModuleDict) -> nn.Module:
         """The student's U-Net, without the localization branch."""
