@@ -86,25 +86,27 @@ def segment_in_process(scan_path: Path, out: Path, network_dir: Path, max_slice:
 
 
 @functools.lru_cache(maxsize=4)
-def network_session(network_dir: Path):
-    """The network's contract and an ONNX Runtime session of it (cached: a session costs a second to build)."""
+def network_session(network_dir: Path, device: str = "cpu"):
+    """The network's contract and a session of it on ``device`` (``mixsup.serving.runtime``; default ONNX
+    Runtime's float32 on CPU), cached: a session costs a second to build."""
     from mixsup.contract import ModelContract
     from mixsup.serving.runtime import create_session
 
     return (ModelContract.load(network_dir / "1" / "contract.json"),
-            create_session(network_dir / "1" / "model.onnx", device="cpu"))
+            create_session(network_dir / "1" / "model.onnx", device=device))
 
 
 def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MAX_SLICE,
-                      postprocess: bool = True) -> np.ndarray:
+                      postprocess: bool = True, device: str = "cpu") -> np.ndarray:
     """What ``mixsup-client segment`` writes for ``scan``, computed here: pre-processing to the model grid,
-    whole slices up to ``max_slice`` (0: tiles, 25% overlap, Gaussian), labels restored, post-processed."""
+    whole slices up to ``max_slice`` (0: tiles, 25% overlap, Gaussian), the network on ``device``, labels
+    restored, post-processed."""
     from mixsup.clients.pipeline import prepare_volume, restore_labels
     from mixsup.postprocess import postprocess_labels
     from mixsup.serving.fuse import fuse_probabilities
     from mixsup.serving.tiling import predict_volume_probabilities
 
-    contract, session = network_session(network_dir)
+    contract, session = network_session(network_dir, device)
     volume, restore = prepare_volume(scan, contract)
     probabilities = predict_volume_probabilities(
         volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], contract.patch_size,

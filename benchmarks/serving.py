@@ -6,21 +6,28 @@ into a fresh repository, and one scan (``mixsup-data phantoms``, 512x512x100 at 
 model grid). Every path gets the same model-grid volume and the same weights and ends in labels:
 
 * ``served``              -- tritonclient -> the ``segment`` ensemble of ``mixsup-serve`` (INT16 in, UINT8 out),
-                             warm; the window step runs whole slices (``MAX_SLICE``);
+                             warm; the window step runs whole slices (``MAX_SLICE``), the network model runs on
+                             the repository's device ``auto`` (OpenVINO on a CPU host where it is installed:
+                             bfloat16 on CPUs with AMX, else float32; ``served_engine`` says which);
 * ``monai_eager``         -- MONAI ``sliding_window_inference`` (160 px tiles, 25% overlap, Gaussian, batch 8)
                              over the network in eager PyTorch: what most users run;
 * ``monai_torchscript``   -- the same with the network traced, frozen and in channels_last: a savvy PyTorch user;
+* ``monai_torchscript_bf16`` -- the same traced under ``torch.autocast`` bfloat16: the savviest user of a CPU
+                             with native bfloat16, the peer of a bfloat16 served path;
 * ``in_process``          -- the project's own inference (:func:`mixsup.serving.tiling.predict_volume_probabilities`,
-                             whole slices) on ONNX Runtime in this process: what serving may cost at most over;
-* ``in_process_tiled``    -- the same, tiled as MONAI tiles: what whole slices save;
-* ``matmul_ceiling``      -- the network's FLOPs for the whole-slice plan over this CPU's float32 matmul rate.
+                             whole slices) in this process, on the served engine: what serving may cost at most over;
+* ``in_process_onnxruntime`` -- the same on ONNX Runtime's float32 (device ``cpu``);
+* ``in_process_tiled``    -- the same as ``in_process``, tiled as MONAI tiles: what whole slices save;
+* ``matmul_ceiling``      -- the network's FLOPs for the whole-slice plan over this CPU's float32 matmul rate
+                             (``matmul_ceiling_bf16``: over its bfloat16 matmul rate).
 
 Then ``mixsup-client segment`` end to end (read, resample, serve, restore, post-process, write) and what the
 client adds over the served request; scans per minute with 1, 2 and 4 concurrent clients (threads, one gRPC
 client each); peak resident memory of the server (Triton and its stubs) and of the CLI.
 
 Writes ``benchmarks/results/serving.json`` (``speedup_vs_monai_eager``, ``speedup_vs_monai_torchscript``,
-``overhead_vs_inprocess``, ``client_seconds``, ...) and ``serving.png``. Needs the ``bench`` extra (MONAI).
+``speedup_vs_monai_torchscript_bf16``, ``overhead_vs_inprocess``, ``client_seconds``, ...) and ``serving.png``.
+Needs the ``bench`` extra (MONAI).
 
 Usage: python benchmarks/serving.py [--shape 100 512 512] [--spacing 2.5 0.7 0.7] [--repeats 3] [--out DIR]
 """
@@ -115,19 +122,23 @@ def monai_labels(volume: np.ndarray, predictor: Callable, channels_last: bool = 
         return probabilities.max(dim=1).indices.numpy().astype(np.uint8)
 
 
-def frozen_channels_last(network, example_hw: tuple[int, int]):
-    """The network traced, frozen and optimised for inference, taking channels_last input."""
+def frozen_channels_last(network, example_hw: tuple[int, int], bfloat16: bool = False):
+    """The network traced, frozen and optimised for inference, taking channels_last input; with ``bfloat16``
+    traced under CPU autocast (convolutions in bfloat16, float32 probabilities out)."""
+    import contextlib
+
     import torch
 
     example = torch.zeros(BATCH, 3, *example_hw).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bfloat16 else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
         network = network.to(memory_format=torch.channels_last)
         frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(network, example).eval()))
         for _ in range(2):  # the profiling runs of the TorchScript executor are not latency
             frozen(example)
 
     def predict(tiles):
-        return frozen(tiles.contiguous(memory_format=torch.channels_last))
+        return frozen(tiles.contiguous(memory_format=torch.channels_last)).float()
 
     return predict
 
@@ -140,11 +151,11 @@ def in_process_labels(volume: np.ndarray, session, contract: ModelContract, max_
     return fuse_probabilities([probabilities], [1.0])[0]
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This CPU's float32 matmul rate in GFLOP/s (median of ``repeats``), PyTorch's BLAS on every core."""
+def matmul_gflops(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """This CPU's matmul rate in GFLOP/s (median of ``repeats``), PyTorch on every core, in ``dtype``."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=getattr(torch, dtype)), torch.randn(size, size, dtype=getattr(torch, dtype))
     torch.mm(a, b)
     seconds = []
     for _ in range(repeats):
@@ -213,11 +224,14 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["monai_eager", "monai_torchscript", "in_process_tiled", "in_process", "served", "matmul_ceiling"]
+    peers = ["monai_eager", "monai_torchscript", "monai_torchscript_bf16"]
+    ours = ["in_process_onnxruntime", "in_process_tiled", "in_process"]
+    ceilings = ["matmul_ceiling", "matmul_ceiling_bf16"]
+    names = peers + ours + ["served"] + ceilings
+    colours = ["#999999"] * len(peers) + ["#4c72b0"] * len(ours) + ["#dd8452"] + ["#dddddd"] * len(ceilings)
     seconds = [results["seconds"][name] for name in names]
-    figure, axis = plt.subplots(figsize=(8, 3.6))
-    bars = axis.barh(names[::-1], seconds[::-1], color=["#999999", "#4c72b0", "#4c72b0", "#dd8452", "#8c8c8c",
-                                                         "#8c8c8c"][::-1])
+    figure, axis = plt.subplots(figsize=(8, 4.4))
+    bars = axis.barh(names[::-1], seconds[::-1], color=colours[::-1])
     axis.bar_label(bars, fmt="%.2f s", padding=3)
     axis.set_xlabel("seconds per scan (median)")
     axis.set_title(f"{results['scan']['shape_dhw']} scan -> {results['scan']['model_grid_dhw']} model grid, "
@@ -251,7 +265,9 @@ def main() -> None:
         results["scan"] = {"shape_dhw": list(args.shape), "spacing_mm": list(args.spacing),
                            "model_grid_dhw": [depth, height, width], "checkpoint": str(args.checkpoint or "random")}
         network = torch_network(checkpoint)
-        session = create_session(network_dir / "1" / "model.onnx", device="cpu")
+        session = create_session(network_dir / "1" / "model.onnx", device="auto")  # the served engine
+        reference_session = create_session(network_dir / "1" / "model.onnx", device="cpu")
+        results["served_engine"] = session.get_providers()[0]
 
         seconds, runs, labels = {}, {}, {}
 
@@ -260,10 +276,13 @@ def main() -> None:
             print(f"{name:>20}: {seconds[name]:.2f} s {runs[name]}", flush=True)
 
         measure("in_process", lambda: in_process_labels(volume, session, contract, max_slice=512))
+        measure("in_process_onnxruntime", lambda: in_process_labels(volume, reference_session, contract, max_slice=512))
         measure("in_process_tiled", lambda: in_process_labels(volume, session, contract, max_slice=0))
         measure("monai_eager", lambda: monai_labels(volume, network))
         frozen = frozen_channels_last(network, ROI)  # built once: tracing is not inference
         measure("monai_torchscript", lambda: monai_labels(volume, frozen, channels_last=True))
+        frozen_bf16 = frozen_channels_last(network, ROI, bfloat16=True)
+        measure("monai_torchscript_bf16", lambda: monai_labels(volume, frozen_bf16, channels_last=True))
 
         server, url, _ = start_serve(work / "repository", log_dir=work / "logs")
         try:
@@ -282,17 +301,21 @@ def main() -> None:
                                         padded_size(width, contract.size_divisor))
     tiles = len(tile_positions((depth, max(height, ROI[0]), max(width, ROI[1])), ROI, OVERLAP))
     tiled_gflop = tiles * network_gflop(network, *ROI)
-    ceiling = matmul_gflops()
+    ceiling, ceiling_bf16 = matmul_gflops(), matmul_gflops(dtype="bfloat16")
     seconds["matmul_ceiling"] = whole_gflop / ceiling
+    seconds["matmul_ceiling_bf16"] = whole_gflop / ceiling_bf16
     cli_seconds = float(np.median([s for s, _ in cli_runs]))
-    agreement = {name: round(float(np.mean(labels[name] == labels["in_process"])), 5)
-                 for name in ("served", "in_process_tiled", "monai_eager", "monai_torchscript")}
+    agreement = {name: round(float(np.mean(labels[name] == labels["in_process_onnxruntime"])), 5)
+                 for name in ("served", "in_process", "in_process_tiled", "monai_eager", "monai_torchscript",
+                              "monai_torchscript_bf16")}
     results.update({
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "runs_seconds": runs,
         "served_first_request_seconds": runs["served"][0],
         "speedup_vs_monai_eager": round(seconds["monai_eager"] / seconds["served"], 2),
         "speedup_vs_monai_torchscript": round(seconds["monai_torchscript"] / seconds["served"], 2),
+        "speedup_vs_monai_torchscript_bf16": round(seconds["monai_torchscript_bf16"] / seconds["served"], 2),
+        "engine_speedup_in_process": round(seconds["in_process_onnxruntime"] / seconds["in_process"], 2),
         "overhead_vs_inprocess": round(seconds["served"] / seconds["in_process"], 3),
         "whole_slice_speedup_in_process": round(seconds["in_process_tiled"] / seconds["in_process"], 2),
         "cli_end_to_end_seconds": round(cli_seconds, 2),
@@ -301,12 +324,13 @@ def main() -> None:
         "peak_rss_mb": {"server": round(server_rss.peak), "server_after_served_runs": round(server_rss.start),
                         "cli": round(max(rss for _, rss in cli_runs))},
         "work": {"network_gflop_whole_slices": round(whole_gflop, 1), "network_gflop_tiled": round(tiled_gflop, 1),
-                 "matmul_gflops": round(ceiling, 1),
+                 "matmul_gflops": round(ceiling, 1), "matmul_gflops_bf16": round(ceiling_bf16, 1),
                  "effective_gflops": {name: round((tiled_gflop if name.startswith("monai") or name.endswith("tiled")
                                                    else whole_gflop) / seconds[name], 1)
-                                      for name in ("served", "in_process", "in_process_tiled", "monai_eager",
-                                                   "monai_torchscript")}},
-        "label_agreement_with_in_process": agreement,
+                                      for name in ("served", "in_process", "in_process_onnxruntime",
+                                                   "in_process_tiled", "monai_eager", "monai_torchscript",
+                                                   "monai_torchscript_bf16")}},
+        "label_agreement_with_onnxruntime_float32": agreement,
         "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
     })
     text = json.dumps(results, indent=2)

@@ -6,7 +6,17 @@ import pytest
 from triton_utils import pixel_network_reference, write_pixel_network
 
 from mixsup.errors import InputError
-from mixsup.serving.runtime import CPU, CUDA, TENSORRT, choose_providers, create_session
+from mixsup.serving.runtime import (
+    CPU,
+    CUDA,
+    OPENVINO,
+    TENSORRT,
+    OpenVinoSession,
+    choose_providers,
+    create_session,
+    openvino_installed,
+    uses_openvino,
+)
 from mixsup.serving.triton.common import (
     model_parameters,
     one_line,
@@ -58,6 +68,41 @@ def test_cpu_session_runs_the_model(pixel_net):
     tiles = np.random.default_rng(0).uniform(-200, 250, (2, 3, 8, 8)).astype(np.float32)
     (probs,) = session.run(None, {"input": tiles})
     np.testing.assert_allclose(probs, pixel_network_reference(tiles, weight, bias), atol=1e-5)
+
+
+def test_openvino_is_auto_on_a_cpu_host_only_and_never_replaces_an_explicit_device():
+    assert uses_openvino("auto", [CPU], openvino=True)
+    assert not uses_openvino("auto", [CPU], openvino=False)  # not installed: ONNX Runtime's CPU provider
+    assert not uses_openvino("auto", [CUDA, CPU], openvino=True)  # a GPU host keeps its GPU
+    assert not uses_openvino("auto", GPU_PROVIDERS, openvino=True)
+    assert not uses_openvino("cpu", [CPU], openvino=True)  # "cpu" is ONNX Runtime's exact float32, always
+    assert uses_openvino(OPENVINO, GPU_PROVIDERS, openvino=True)
+    with pytest.raises(ValueError, match="OpenVINO is not installed"):
+        uses_openvino(OPENVINO, [CPU], openvino=False)
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        uses_openvino("gpu", [CPU], openvino=True)
+
+
+@pytest.mark.skipif(not openvino_installed(), reason="OpenVINO is not installed (the serve extra installs it)")
+def test_openvino_session_runs_the_model_like_onnxruntime(pixel_net):
+    path, weight, bias = pixel_net
+    session = create_session(path, device=OPENVINO, intra_op_threads=1)
+    assert isinstance(session, OpenVinoSession)
+    assert [t.name for t in session.get_inputs()] == ["input"]
+    assert [t.name for t in session.get_outputs()] == ["probabilities"]
+    assert session.precision in ("bf16", "f32") and session.get_providers() == [f"openvino ({session.precision})"]
+    reference = create_session(path, device="cpu")
+    for shape in [(2, 3, 8, 8), (5, 3, 16, 24)]:  # dynamic batch and size
+        tiles = np.random.default_rng(0).uniform(-200, 250, shape).astype(np.float32)
+        (probs,) = session.run(None, {"input": tiles})
+        (by_name,) = session.run(["probabilities"], {"input": tiles})
+        assert probs.dtype == np.float32 and probs.shape == shape
+        np.testing.assert_array_equal(probs, by_name)
+        # bfloat16 keeps 8 significant bits: probabilities agree to about 1%
+        np.testing.assert_allclose(probs, reference.run(None, {"input": tiles})[0], atol=0.02)
+        np.testing.assert_allclose(probs, pixel_network_reference(tiles, weight, bias), atol=0.02)
+    with pytest.raises(ValueError, match="no output 'labels'"):
+        session.run(["labels"], {"input": tiles})
 
 
 def test_create_session_on_unavailable_device_fails(pixel_net):

@@ -25,10 +25,11 @@ def model_parameters(model_config: Mapping) -> dict[str, str]:
 
 
 def load_onnx_model(args: Mapping) -> tuple[ModelContract, ort.InferenceSession]:
-    """The contract and ONNX Runtime session of the ``model.onnx`` version Triton's ``initialize`` ``args`` name.
+    """The contract and inference session (ONNX Runtime or OpenVINO) of the ``model.onnx`` version Triton's
+    ``initialize`` ``args`` name.
 
-    Parameters: DEVICE (auto|cpu|cuda|tensorrt), INTRA_OP_THREADS (0 = ONNX Runtime's default), TRT_CACHE_DIR
-    (default: ``trt_cache`` beside the model), FP16 (TensorRT only).
+    Parameters: DEVICE (auto|cpu|cuda|tensorrt|openvino; see mixsup.serving.runtime), INTRA_OP_THREADS (0 = the
+    engine's default), TRT_CACHE_DIR (default: ``trt_cache`` beside the model), FP16 (TensorRT only).
     """
     # Imported here: the adapters that run no ONNX model (fuse, window) do not load onnxruntime.
     from mixsup.serving.runtime import create_session

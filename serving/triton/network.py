@@ -1,8 +1,9 @@
-"""Triton python-backend model: ONNX Runtime on batches of 2.5D tiles (input ``input`` -> ``probabilities``).
+"""Triton python-backend model: the network (ONNX Runtime or OpenVINO) on batches of 2.5D tiles or slices
+(input ``input`` -> ``probabilities``).
 
 Loaded by Triton through the thin ``model.py`` that mixsup.repository writes next to ``model.onnx``.
-Parameters: DEVICE (auto|cpu|cuda|tensorrt), INTRA_OP_THREADS (0 = ONNX Runtime's default), TRT_CACHE_DIR
-(default: ``trt_cache`` beside the model), FP16 (TensorRT only).
+Parameters: DEVICE (auto|cpu|cuda|tensorrt|openvino; see mixsup.serving.runtime), INTRA_OP_THREADS (0 = the
+engine's default), TRT_CACHE_DIR (default: ``trt_cache`` beside the model), FP16 (TensorRT only).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Serves the models beside the ensembles (contract kinds ``detection``, ``confidence``, ``annotator``): several
 inputs (the annotator's image and box masks) or several outputs (MSDN's detections, ASDNet's confidence map),
 where :mod:`mixsup.serving.triton.network` serves one input and one output. Loaded by Triton through the thin
-``model.py`` that mixsup.repository writes next to ``model.onnx``. Parameters: DEVICE (auto|cpu|cuda|tensorrt),
+``model.py`` that mixsup.repository writes next to ``model.onnx``. Parameters: DEVICE (auto|cpu|cuda|tensorrt|openvino),
 INTRA_OP_THREADS (0 = ONNX Runtime's default), TRT_CACHE_DIR, FP16 (TensorRT only), as the network model's.
 """
 from __future__ import annotations
