@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from mixsup.errors import InputError, add_debug_flag, run_command
 from mixsup.export.parity import PARITY_TOLERANCE
+from mixsup.serving.runtime import DEVICES
 from mixsup.stacks import DEFAULT_MAX_SLICE
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"tiles of --patch-size; 0: always tiles (default {DEFAULT_MAX_SLICE})")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--instances", type=int, default=1, help="Triton instances of the network model")
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="where the python backend runs the ONNX models: auto (a GPU, else OpenVINO -- bfloat16 "
+                             "on CPUs with AMX -- where installed, else ONNX Runtime), cpu (ONNX Runtime float32, "
+                             "exactly), openvino, cuda, tensorrt (default auto)")
     parser.add_argument("--no-ensemble", action="store_true", help="write the network and its window step only")
     ensembles = parser.add_argument_group("ensembles")
     ensembles.add_argument("--member", metavar="ENSEMBLE",
@@ -183,7 +188,7 @@ def handle_teacher(args: argparse.Namespace) -> int:
         path = Path(tmp) / "model.onnx"
         parity = export_auxiliary(auxiliary, path, args.opset)
         write_auxiliary(args.repository, args.name, path, auxiliary.contract, instance_count=args.instances,
-                        replace=args.replace)
+                        device=args.device, replace=args.replace)
     parameters = sum(parameter.numel() for parameter in auxiliary.module.parameters())
     print(f"mixsup-export: wrote {args.repository / args.name} (teacher as box-prompted annotator, ONNX opset "
           f"{args.opset} fp32, python backend, {parameters:,} parameters, parity {parity:.1e})")
@@ -236,11 +241,13 @@ def handle(args: argparse.Namespace) -> int:
             extra_paths[extra.kind] = Path(tmp) / extra.kind / "model.onnx"
             export_auxiliary(extra, extra_paths[extra.kind], args.opset)
         write_network(args.repository, args.name, exported.path, contract, instance_count=args.instances,
-                      max_batch_size=MAX_BATCH_SIZE, batch_size=WINDOW_BATCH, runtime=exported.runtime,
+                      device=args.device, max_batch_size=MAX_BATCH_SIZE, batch_size=WINDOW_BATCH,
+                      runtime=exported.runtime,
                       accelerator=exported.accelerator, replace=args.replace, max_slice=args.max_slice)
         for extra in extras:
             write_auxiliary(args.repository, auxiliary_name(args.name, extra.kind), extra_paths[extra.kind],
-                            extra.contract, instance_count=args.instances, max_batch_size=MAX_BATCH_SIZE)
+                            extra.contract, instance_count=args.instances, device=args.device,
+                            max_batch_size=MAX_BATCH_SIZE)
     for plan in plans:
         write_ensemble(args.repository, plan.members, plan.name)
     parameters = sum(parameter.numel() for parameter in network.parameters())

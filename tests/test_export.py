@@ -247,11 +247,12 @@ def test_meaningless_flags_exit_2(tiny_checkpoint, tmp_path, capsys, flags):
 @pytest.mark.triton
 def test_python_backend_configs_load_and_answer_in_triton(tiny_checkpoint, network, tmp_path):
     """The configs that run here (ONNX Runtime in the python backend, fp32 and fp16) load in the real Triton,
-    answer on the network models directly and through the ensemble over both."""
+    answer on the network models directly and through the ensemble over both. ``--device cpu``: the answers
+    are compared with ONNX Runtime's float32 in process."""
     repository = tmp_path / "repo"
     for name, precision in [("full", "fp32"), ("half", "fp16")]:
         assert export_main([str(tiny_checkpoint), "--repository", str(repository), "--name", name,
-                            "--precision", precision, "--member", "segment"]) == 0
+                            "--precision", precision, "--member", "segment", "--device", "cpu"]) == 0
     tiles = raw_hu(8, [(3, 48, 48)])[0]
     volume = np.random.default_rng(9).integers(-300, 400, size=(4, 40, 56)).astype(np.int16)
     process, grpc_url, _ = start_serve(repository, log_dir=tmp_path / "logs")

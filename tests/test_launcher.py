@@ -24,6 +24,7 @@ from mixsup.contract import ModelContract
 from mixsup.errors import ServerUnavailable
 from mixsup.repository import write_ensemble, write_network
 from mixsup.serving import cli, launcher, processes
+from mixsup.serving.runtime import openvino_installed
 from mixsup.serving.tiling import slice_stacks
 
 SHM = Path("/dev/shm")
@@ -115,12 +116,14 @@ def pixel_parameters(name):
     return rng.normal(0, 0.01, (3, 3)), rng.normal(0, 1, 3)
 
 
-def build_repository(root, members):
+def build_repository(root, members, device="cpu"):
+    """Pixel networks in one ensemble, on ONNX Runtime's float32 by default: the tests check the window and fuse
+    steps' arithmetic against numpy to 1e-4."""
     for name in members:
         weight, bias = pixel_parameters(name)
         onnx_path = write_pixel_network(root / f"{name}.onnx", weight, bias)
         write_network(root / "repo", name, onnx_path, ModelContract(patch_size=PATCHES[name], recipe="pixel"),
-                      batch_size=4)
+                      batch_size=4, device=device)
     write_ensemble(root / "repo", [(name, WEIGHTS[name]) for name in members])
     return root / "repo"
 
@@ -164,6 +167,28 @@ def test_segment_matches_the_whole_image_computation(ensemble_server):
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(labels[clear], np.argmax(expected, axis=0)[clear])
     assert len(np.unique(labels)) > 1  # the weights give a non-trivial label map
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not openvino_installed(), reason="OpenVINO is not installed (the serve extra installs it)")
+def test_openvino_serves_the_same_segmentation_to_bfloat16_precision(tmp_path):
+    """A repository on OpenVINO (what device auto picks on a CPU host) answers like the float32 computation to
+    bfloat16's precision, and the server's log names the engine that ran it."""
+    repository = build_repository(tmp_path, ["alpha", "beta"], device="openvino")
+    proc, grpc_url, _ = start_serve(repository, log_dir=tmp_path / "logs")
+    try:
+        volume = np.random.default_rng(5).integers(-200, 250, (5, 40, 50)).astype(np.int16)
+        labels, probs = segment(grpc_url, volume)
+    finally:
+        assert stop_serve(proc) == 0
+    expected = expected_output(volume, ["alpha", "beta"])
+    np.testing.assert_allclose(probs.astype(np.float64), expected, atol=0.02, rtol=0)
+    top2 = np.sort(expected, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 0.05
+    assert clear.mean() > 0.5 and len(np.unique(labels)) > 1
+    np.testing.assert_array_equal(labels[clear], np.argmax(expected, axis=0)[clear])
+    log = "".join(path.read_text() for path in (tmp_path / "logs").glob("*.log"))
+    assert "alpha: network on openvino (" in log and "beta: network on openvino (" in log
 
 
 @pytest.mark.triton

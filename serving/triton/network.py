@@ -19,6 +19,8 @@ OUTPUT = "probabilities"
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.contract, self.session = load_onnx_model(args)
+        # Which engine (and precision) serves the model: "auto" decides per host, so the log says it.
+        pb_utils.Logger.log_info(f"{args['model_name']}: network on {self.session.get_providers()[0]}")
         self.input_name = self.session.get_inputs()[0].name
         outputs = [output.name for output in self.session.get_outputs()]
         self.output_name = self.contract.output_name if self.contract.output_name in outputs else outputs[0]

@@ -54,6 +54,7 @@ def run_grouped(run: Callable[[Tensors], Tensors],
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.contract, self.session = load_onnx_model(args)
+        pb_utils.Logger.log_info(f"{args['model_name']}: model on {self.session.get_providers()[0]}")
         self.inputs = [spec.name for spec in self.contract.inputs]
         self.outputs = [spec.name for spec in self.contract.outputs]
         graph = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
