@@ -73,7 +73,13 @@ def _check_model_grid(array: np.ndarray, restore: Restore, what: str) -> None:
 
 
 def restore_labels(labels_model_grid: np.ndarray, restore: Restore, num_classes: int) -> np.ndarray:
-    """Labels ``[D, h, w]`` on the model grid -> ``uint8`` labels on the scan's stored grid.
+    """Labels ``[D, h, w]`` on the model grid -> ``uint8`` labels on the scan's stored grid
+    (:func:`restore_labels_canonical`, then the stored voxel order)."""
+    return restore.to_stored(restore_labels_canonical(labels_model_grid, restore, num_classes))
+
+
+def restore_labels_canonical(labels_model_grid: np.ndarray, restore: Restore, num_classes: int) -> np.ndarray:
+    """Labels ``[D, h, w]`` on the model grid -> ``uint8`` labels on the canonical grid at the scan's spacing.
 
     When the volume was resampled, each class's one-hot mask is interpolated linearly and the argmax taken: the
     boundaries come out smoother than with nearest-neighbour and no class is favoured. Beyond the reach of a
@@ -84,7 +90,7 @@ def restore_labels(labels_model_grid: np.ndarray, restore: Restore, num_classes:
     labels_model_grid = np.asarray(labels_model_grid)
     _check_model_grid(labels_model_grid, restore, "labels")
     if not restore.resampled:
-        return restore.to_stored(labels_model_grid.astype(np.uint8, copy=False))
+        return labels_model_grid.astype(np.uint8, copy=False)
     canonical = np.zeros(restore.canonical_shape, dtype=np.uint8)
     out_hw = restore.canonical_shape[1:]
     classes = np.arange(num_classes, dtype=labels_model_grid.dtype).reshape(-1, 1, 1)
@@ -98,7 +104,7 @@ def restore_labels(labels_model_grid: np.ndarray, restore: Restore, num_classes:
         one_hot = (slice_labels[None] == classes).astype(np.float32)
         smooth = resample_inplane_window(one_hot, out_hw, out_rows, out_columns, order=1)
         canonical[index, out_rows, out_columns] = np.argmax(smooth, axis=0)
-    return restore.to_stored(canonical)
+    return canonical
 
 
 def restore_probabilities(probabilities_model_grid: np.ndarray, restore: Restore) -> np.ndarray:
@@ -126,9 +132,12 @@ def answer_on_scan_grid(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The server's answer on the scan's stored grid: (uint8 labels, post-processed unless ``postprocess`` is
     False; float32 probabilities ``[C, i, j, k]`` as the server gave them, or None)."""
-    labels = restore_labels(labels_model_grid, restore, num_classes)
+    # Post-processed on the canonical grid, where the array is C-ordered (cc3d and fill_voids are fastest so);
+    # its rules do not depend on the axes' order or direction.
+    labels = restore_labels_canonical(labels_model_grid, restore, num_classes)
     if postprocess:
         labels = postprocess_labels(labels, organ_label=organ_label, lesion_label=lesion_label)
+    labels = restore.to_stored(labels)
     probabilities = None
     if probabilities_model_grid is not None:
         probabilities = restore_probabilities(probabilities_model_grid, restore)

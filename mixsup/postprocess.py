@@ -68,7 +68,7 @@ def postprocess_labels(labels: np.ndarray, organ_label: int = 1, lesion_label: i
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"postprocess_labels expects a 3D label map, got shape {labels.shape}")
-    out = np.zeros(labels.shape, dtype=np.uint8)
+    out = np.zeros_like(labels, dtype=np.uint8)  # the input's memory order (Fortran for a label map to write)
     foreground = (labels == organ_label) | (labels == lesion_label)
     if not foreground.any():
         return out

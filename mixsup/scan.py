@@ -85,7 +85,10 @@ class Scan:
             out = np.moveaxis(out, range(3, 3 + lead), range(lead))
         if out.shape[lead:] != self.voxels.shape[:3]:
             raise ValueError(f"array of shape {array.shape} does not fit a scan of shape {self.voxels.shape}")
-        return np.ascontiguousarray(out)
+        # Fortran order, the NIfTI file's: for the usual axial storage the canonical array already lies so in
+        # memory (i fastest), and this copy is sequential instead of a transpose (0.22 s on 512x512x100), and
+        # so is the write after it.
+        return np.asfortranarray(out)
 
 
 _INT16 = np.iinfo(np.int16)
@@ -146,7 +149,8 @@ def write_nifti(path: str | os.PathLike, voxels: np.ndarray, affine: np.ndarray)
     if not is_nifti(path):
         raise InputError(f"{path}: output must end in .nii or .nii.gz")
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    image = nib.Nifti1Image(voxels, affine)
+    # nibabel writes in Fortran order; handing it a C-ordered array makes it transpose in small chunks (slow).
+    image = nib.Nifti1Image(np.asfortranarray(voxels), affine)
     image.header.set_data_dtype(voxels.dtype)
     # The xform code says "scanner" so viewers place the labels exactly where the scan is.
     image.set_sform(affine, code=1)

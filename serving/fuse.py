@@ -46,14 +46,29 @@ def fuse_probabilities(
     return first_max_index(fused), fused.astype(np.float16)
 
 
+#: The largest float16 bit pattern that is neither negative nor NaN (+inf).
+_FLOAT16_POSITIVE_INFINITY = 0x7C00
+
+
 def first_max_index(scores: np.ndarray) -> np.ndarray:
     """``np.argmax(scores, axis=0)`` as uint8 for a few classes (ties go to the lower class), class by class:
     numpy's argmax along a leading axis strides through memory, ~8x slower on a [3, 100, 224, 224] map."""
+    scores = np.asarray(scores)
+    if scores.dtype == np.float16:
+        bits = scores.view(np.uint16)
+        # Non-negative float16 values (probabilities) order exactly as their bit patterns: compared as integers,
+        # with no conversion (0.05 s instead of 0.08 s on [3, 100, 224, 224]).
+        if bits.size and int(bits.max()) <= _FLOAT16_POSITIVE_INFINITY:
+            return _first_max_index(bits, bits.dtype)
     # Compared in float32 (exact for float16 input): numpy emulates float16 arithmetic, several times slower.
-    best = np.array(scores[0], dtype=np.float32)
+    return _first_max_index(scores, np.float32)
+
+
+def _first_max_index(scores: np.ndarray, dtype) -> np.ndarray:
+    best = np.array(scores[0], dtype=dtype)
     labels = np.zeros(best.shape, dtype=np.uint8)
     for index in range(1, scores.shape[0]):
-        score = np.asarray(scores[index], dtype=np.float32)
+        score = np.asarray(scores[index], dtype=dtype)
         labels[score > best] = index
         np.maximum(best, score, out=best)
     return labels

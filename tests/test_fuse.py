@@ -66,3 +66,10 @@ def test_first_max_index_is_argmax_with_ties_to_the_lower_class():
     half = rng.random((3, 5, 40, 40)).astype(np.float16)
     labels = first_max_index(half)
     assert labels.dtype == np.uint8 and np.array_equal(labels, np.argmax(half.astype(np.float32), axis=0))
+    # float16 with ties, zeros, subnormals and infinity (compared as bit patterns), then with negative values
+    # and NaN-free signs mixed in (compared in float32): both must be numpy's argmax.
+    special = np.array([0.0, 6e-8, 1e-5, 0.25, 0.5, 1.0, np.inf], dtype=np.float16)
+    coded = special[rng.integers(0, len(special), (3, 6, 50))]
+    assert np.array_equal(first_max_index(coded), np.argmax(coded.astype(np.float32), axis=0))
+    signed = (coded.astype(np.float32) * rng.choice([-1, 1], coded.shape)).astype(np.float16)
+    assert np.array_equal(first_max_index(signed), np.argmax(signed.astype(np.float32), axis=0))
