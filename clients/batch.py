@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tqdm import tqdm
-
 from mixsup.clients.inputs import CaseInput
 from mixsup.clients.outputs import write_outputs
 from mixsup.clients.result import Result
@@ -136,6 +134,9 @@ class Reporter:
     """Lines for the user, kept clear of the progress bar: results on stdout, problems on stderr."""
 
     def __init__(self, prog: str, total: int, initial: int, enabled: bool | None):
+        from tqdm import tqdm  # here, not at the top: `mixsup-client segment` imports this module but shows no bar
+
+        self._tqdm = tqdm
         self.prog = prog
         self._lock = threading.Lock()
         self.bar = tqdm(total=total, initial=initial, unit="scan", file=sys.stderr, disable=enabled is False
@@ -143,11 +144,11 @@ class Reporter:
 
     def out(self, line: str) -> None:
         with self._lock:
-            tqdm.write(line, file=sys.stdout)
+            self._tqdm.write(line, file=sys.stdout)
 
     def err(self, line: str) -> None:
         with self._lock:
-            tqdm.write(f"{self.prog}: {line}", file=sys.stderr)
+            self._tqdm.write(f"{self.prog}: {line}", file=sys.stderr)
 
     def finished(self) -> None:
         with self._lock:

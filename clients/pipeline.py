@@ -55,8 +55,8 @@ def prepare_volume(scan: Scan, contract: ModelContract) -> tuple[np.ndarray, Res
     model_hw = canonical_shape[1:]
     if needs_resampling(spacing[1:], contract.spacing_mm):
         model_hw = inplane_shape(canonical_shape[1:], spacing[1:], contract.spacing_mm)
-        # Linear interpolation of HU in float32: the int16 rounding happens once, after resampling.
-        canonical = resample_inplane(canonical.astype(np.float32, copy=False), model_hw, order=1)
+        # Linear interpolation of HU into float32: the int16 rounding happens once, after resampling.
+        canonical = resample_inplane(canonical, model_hw, order=1, dtype=np.float32)
     restore = Restore(
         affine=np.array(scan.affine, dtype=np.float64),
         stored_shape=tuple(int(n) for n in scan.voxels.shape[:3]),

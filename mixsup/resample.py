@@ -17,16 +17,17 @@ def inplane_shape(shape_hw: Sequence[int], spacing_hw: Sequence[float],
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape_hw, spacing_hw, target_spacing_hw))
 
 
-def resample_inplane(volume: np.ndarray, out_hw: Sequence[int], order: int = 1) -> np.ndarray:
+def resample_inplane(volume: np.ndarray, out_hw: Sequence[int], order: int = 1, dtype=None) -> np.ndarray:
     """Resample the last two axes of ``volume`` (``[..., H, W]``) to ``out_hw``; leading axes are untouched.
 
-    ``order`` is the spline order: 1 (linear) for intensities and probabilities, 0 for labels.
+    ``order`` is the spline order: 1 (linear) for intensities and probabilities, 0 for labels. ``dtype``: of
+    the result (default the volume's); an int16 scan resampled to float32 is never converted whole first.
     """
     out_hw = tuple(int(n) for n in out_hw)
     if tuple(volume.shape[-2:]) == out_hw:
-        return volume
+        return volume if dtype is None else volume.astype(dtype, copy=False)
     scale = np.array([volume.shape[-2] / out_hw[0], volume.shape[-1] / out_hw[1]])
-    return _scale_slices(volume, scale, 0.5 * scale - 0.5, out_hw, order)
+    return _scale_slices(volume, scale, 0.5 * scale - 0.5, out_hw, order, dtype)
 
 
 def output_window(size_in: int, size_out: int, source: slice) -> slice:
@@ -103,11 +104,11 @@ def _linear_slices(volume: np.ndarray, row_taps: tuple, column_taps: tuple, chun
 
 
 def _scale_slices(volume: np.ndarray, scale: np.ndarray, offset: np.ndarray, out_hw: tuple[int, int],
-                  order: int) -> np.ndarray:
+                  order: int, dtype=None) -> np.ndarray:
     """Every ``[H, W]`` slice of ``volume`` sampled at ``out * scale + offset`` (spline ``order``, no prefilter,
-    edges clamped), into ``[..., *out_hw]`` of the volume's dtype."""
+    edges clamped), into ``[..., *out_hw]`` of ``dtype`` (default the volume's)."""
     flat = volume.reshape((-1,) + volume.shape[-2:])
-    out = np.empty((flat.shape[0],) + tuple(out_hw), dtype=volume.dtype)
+    out = np.empty((flat.shape[0],) + tuple(out_hw), dtype=volume.dtype if dtype is None else dtype)
     for index in range(flat.shape[0]):
         ndimage.affine_transform(flat[index], matrix=scale, offset=offset, output_shape=out_hw,
                                  output=out[index], order=order, mode="nearest", prefilter=False)

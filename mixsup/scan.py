@@ -102,7 +102,9 @@ def to_int16_hu(volume: np.ndarray) -> np.ndarray:
         if not np.all(np.isfinite(volume)):
             raise InputError("the scan contains NaN or infinite voxel values")
         volume = np.rint(volume)
-    elif not np.issubdtype(volume.dtype, np.integer) and volume.dtype != bool:
+        np.clip(volume, _INT16.min, _INT16.max, out=volume)  # in place: the rounded copy is ours
+        return np.ascontiguousarray(volume.astype(np.int16))
+    if not np.issubdtype(volume.dtype, np.integer) and volume.dtype != bool:
         raise InputError(f"the scan's voxels have type {volume.dtype}, expected numbers (HU)")
     return np.ascontiguousarray(np.clip(volume, _INT16.min, _INT16.max).astype(np.int16))
 
