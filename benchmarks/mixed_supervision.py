@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -128,6 +128,11 @@ ROWS = [
     Row("teacher-student perturbed", "teacher-student", STRONG_SHARE, WEAK_SHARE, perturbed=True),
 ]
 MAIN_ROWS = ROWS[:7]
+
+
+def run_prefix(method: str) -> str:
+    """The folder name of a row's runs under ``WORK/runs`` (``<prefix>-seed<N>``)."""
+    return method.replace(" + ", "_plus_").replace(" ", "_").replace(":", "-")
 #: Seconds of a training step relative to the U-Net's (measured at the cpu preset), for scheduling only.
 RELATIVE_COST = {"unet": 1.0, "teacher-student": 2.2, "lazy": 2.1, "asdnet": 3.9, "msdn": 6.0}
 SWEEP = ["teacher-student 10:80", "teacher-student", "teacher-student 50:40", "teacher-student 90:0"]
@@ -237,8 +242,9 @@ def train_run(row: Row, seed: int, manifest: Path, out: Path, preset: Preset) ->
 
 
 # -------------------------------------------------------------------------------------------- evaluation
-def evaluate_checkpoint(checkpoint: Path, cases: list[TestCase]) -> dict[str, float]:
-    """LiTS metrics of a checkpoint's exported network on ``cases``, after the client's post-processing."""
+def segment_cases(checkpoint: Path, cases: list[TestCase]) -> Iterator[np.ndarray]:
+    """Each case's labels on its stored grid from a checkpoint's exported network, after the client's
+    post-processing, one case at a time."""
     import torch
 
     from mixsup.training.trainer import load_checkpoint, network_from_checkpoint, predict_volume
@@ -246,18 +252,23 @@ def evaluate_checkpoint(checkpoint: Path, cases: list[TestCase]) -> dict[str, fl
     payload = load_checkpoint(checkpoint)
     network = network_from_checkpoint(payload)
     divisor = 2 ** int(payload["config"]["depth"])
+    for case in cases:
+        with torch.inference_mode():
+            model_labels = predict_volume(network, case.hu, size_divisor=divisor)
+        yield postprocess_labels(restore_labels(model_labels, case.restore, 3))
+
+
+def evaluate_checkpoint(checkpoint: Path, cases: list[TestCase]) -> dict[str, float]:
+    """LiTS metrics of a checkpoint's exported network on ``cases``, after the client's post-processing."""
     liver, lesion = GlobalDice([1]), GlobalDice([2])
     per_case_liver, per_case_lesion, burden_errors = [], [], []
-    with torch.inference_mode():
-        for case in cases:
-            model_labels = predict_volume(network, case.hu, size_divisor=divisor)
-            predicted = postprocess_labels(restore_labels(model_labels, case.restore, 3))
-            liver_pred, liver_true = np.minimum(predicted, 1), np.minimum(case.truth, 1)
-            liver.update(liver_pred, liver_true)
-            lesion.update(predicted, case.truth)
-            per_case_liver.append(dice(liver_pred, liver_true, 1))
-            per_case_lesion.append(dice(predicted, case.truth, 2))
-            burden_errors.append(tumour_burden(predicted) - tumour_burden(case.truth))
+    for case, predicted in zip(cases, segment_cases(checkpoint, cases)):
+        liver_pred, liver_true = np.minimum(predicted, 1), np.minimum(case.truth, 1)
+        liver.update(liver_pred, liver_true)
+        lesion.update(predicted, case.truth)
+        per_case_liver.append(dice(liver_pred, liver_true, 1))
+        per_case_lesion.append(dice(predicted, case.truth, 2))
+        burden_errors.append(tumour_burden(predicted) - tumour_burden(case.truth))
     return {"liver_dice_global": liver.result()[1], "lesion_dice_global": lesion.result()[2],
             "liver_dice_per_case": float(np.mean(per_case_liver)),
             "lesion_dice_per_case": float(np.mean(per_case_lesion)),
@@ -430,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         validation = int(round(VALIDATION * preset.pool))
 
         def one_run(row: Row, seed: int) -> dict[str, Any]:
-            name = f"{row.method.replace(' + ', '_plus_').replace(' ', '_').replace(':', '-')}-seed{seed}"
+            name = f"{run_prefix(row.method)}-seed{seed}"
             out = work / "runs" / name
             out.mkdir(parents=True, exist_ok=True)
             # Manifests sit in the pool folder: their paths are relative to where they are.

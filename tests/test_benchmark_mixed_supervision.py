@@ -60,3 +60,21 @@ def test_smoke_preset_writes_rows_table_and_plots(benchmark, tmp_path):
     assert "pseudo_label_dice_liver" in document["rows"][2]
     assert "| teacher-student |" in (results / "mixed_supervision.md").read_text()
     assert (results / "mixed_supervision_rows.png").stat().st_size > 1000
+
+
+def test_lesion_breakdown_counts_found_covered_and_false_lesion(benchmark_module):
+    breakdown = benchmark_module("lesion_breakdown")
+    instances = np.zeros((4, 10, 10), np.int64)
+    instances[0, :2, :2] = 1            # 4 voxels: bin "0-0.5 mL" at 0.1 mL per voxel
+    instances[1:3, :5, :5] = 2          # 50 voxels, 5 mL: bin "2-8 mL"
+    instances[3, 5:, 5:] = 3            # 25 voxels, 2.5 mL: bin "2-8 mL"
+    predicted = np.zeros_like(instances, dtype=np.uint8)
+    predicted[1, :5, :5] = 2            # half of lesion 2
+    predicted[3, 0, 9] = 2              # one false lesion voxel
+    predicted[0, :2, :2] = 1            # lesion 1 called liver: missed
+    outcome = breakdown.lesion_outcomes(predicted, instances, voxel_ml=0.1)
+    assert outcome["lesions"].tolist() == [1, 0, 2, 0]
+    assert outcome["detected"].tolist() == [0, 0, 1, 0]
+    assert outcome["voxels"].tolist() == [4, 0, 75, 0] and outcome["covered"].tolist() == [0, 0, 25, 0]
+    assert outcome["false_ml"] == pytest.approx(0.1)
+    assert breakdown.bin_names() == ["0-0.5 mL", "0.5-2 mL", "2-8 mL", ">8 mL"]

@@ -1,0 +1,121 @@
+"""Where the lesion Dice of the mixed-supervision rows goes: lesions found and missed by size, and false lesions.
+
+Global lesion Dice mixes three things: how many true lesions a model finds, how much of each found one it covers,
+and how much lesion it paints where there is none. This script takes the runs a ``mixed_supervision.py --work
+DIR`` invocation kept and scores every run's ``best.pt`` on that work folder's own held-out test set (the
+phantoms carry lesion instance ids, ``instances-N.nii.gz``), through the same path as the benchmark (client
+pre-processing, whole slices, labels restored, post-processing). Per row, summed over seeds and cases:
+
+* per size bin of true lesions (mL): how many there are, the share **detected** (any predicted lesion voxel on
+  it) and the share of their voxels **covered**;
+* **false lesion** mL per case: predicted lesion voxels on no true lesion.
+
+Usage: python benchmarks/lesion_breakdown.py --work /tmp/msb_long [--rows full teacher-student ...]
+       [--out benchmarks/results/long_schedule/lesion_breakdown]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from mixed_supervision import PRESETS, ROWS, own_test_set, run_prefix, segment_cases  # noqa: E402
+
+from mixsup.contract import ModelContract  # noqa: E402
+from mixsup.scan import read_nifti  # noqa: E402
+from mixsup.training.data.manifest import load_dataset  # noqa: E402
+
+#: Upper edges (mL) of the lesion size bins; the last bin is open.
+BIN_EDGES_ML = (0.5, 2.0, 8.0)
+
+
+def bin_names(edges: tuple[float, ...] = BIN_EDGES_ML) -> list[str]:
+    lows = (0.0, *edges)
+    return [f"{low:g}-{high:g} mL" for low, high in zip(lows, edges)] + [f">{edges[-1]:g} mL"]
+
+
+def lesion_outcomes(predicted: np.ndarray, instances: np.ndarray, voxel_ml: float,
+                    edges: tuple[float, ...] = BIN_EDGES_ML) -> dict[str, np.ndarray | float]:
+    """Per size bin: true lesions, detected ones, their voxels and the covered voxels; and false lesion mL.
+
+    ``predicted`` holds labels (2 = lesion), ``instances`` the true lesion ids (0 = none), on one grid.
+    """
+    lesion = predicted == 2
+    ids, sizes = np.unique(instances[instances > 0], return_counts=True)
+    hits = np.bincount(instances[lesion & (instances > 0)], minlength=int(instances.max()) + 1)[ids]
+    bins = np.digitize(sizes * voxel_ml, edges)
+    count, found, voxels, covered = (np.zeros(len(edges) + 1) for _ in range(4))
+    np.add.at(count, bins, 1)
+    np.add.at(found, bins, hits > 0)
+    np.add.at(voxels, bins, sizes)
+    np.add.at(covered, bins, hits)
+    return {"lesions": count, "detected": found, "voxels": voxels, "covered": covered,
+            "false_ml": float(np.count_nonzero(lesion & (instances == 0)) * voxel_ml)}
+
+
+def row_breakdown(run_dirs: list[Path], cases, instances: list[np.ndarray]) -> dict:
+    """Outcomes of every run in ``run_dirs`` on every case, summed."""
+    totals = {key: np.zeros(len(BIN_EDGES_ML) + 1) for key in ("lesions", "detected", "voxels", "covered")}
+    false_ml = []
+    for run in run_dirs:
+        for case, truth_ids, predicted in zip(cases, instances, segment_cases(run / "best.pt", cases)):
+            outcome = lesion_outcomes(predicted, truth_ids, case.voxel_ml)
+            for key in totals:
+                totals[key] += outcome[key]
+            false_ml.append(outcome["false_ml"])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        detected = totals["detected"] / totals["lesions"]
+        covered = totals["covered"] / totals["voxels"]
+    return {"runs": [run.name for run in run_dirs],
+            "bins": {name: {"lesions": int(n), "detected": round(float(d), 3), "voxels_covered": round(float(c), 3)}
+                     for name, n, d, c in zip(bin_names(), totals["lesions"], detected, covered)},
+            "false_lesion_ml_per_case": round(float(np.mean(false_ml)), 2)}
+
+
+def markdown(results: dict) -> str:
+    names = bin_names()
+    lines = ["| method | " + " | ".join(f"{n}: detected / voxels covered" for n in names)
+             + " | false lesion mL per case |", "|---" * (len(names) + 2) + "|"]
+    for method, row in results["rows"].items():
+        cells = [f"{row['bins'][n]['detected']:.2f} / {row['bins'][n]['voxels_covered']:.2f}" for n in names]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['false_lesion_ml_per_case']:.2f} |")
+    counts = ", ".join(f"{n}: {next(iter(results['rows'].values()))['bins'][n]['lesions']}" for n in names)
+    return "\n".join(lines) + f"\n\nTrue lesions per bin, summed over the runs of a row: {counts}.\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="the --work folder of mixed_supervision.py")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the preset those runs used")
+    parser.add_argument("--rows", nargs="+", choices=[r.method for r in ROWS],
+                        default=["strong-only", "full", "teacher-student", "teacher-student + Dice"])
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    train = PRESETS[args.preset].train
+    contract = ModelContract(patch_size=(train["patch_size"],) * 2, spacing_mm=tuple(train["spacing_mm"]))
+    test = args.work / "test"
+    cases = own_test_set(test, contract)
+    # own_test_set reads the manifest's cases in order; their instance maps are listed beside them.
+    instances = [read_nifti(case.path(case.instances)).voxels.astype(np.int64) for case in load_dataset(test).cases]
+    results: dict = {"work": str(args.work), "test_cases": len(cases), "bin_edges_ml": list(BIN_EDGES_ML), "rows": {}}
+    for method in args.rows:
+        runs = sorted(p for p in (args.work / "runs").glob(f"{run_prefix(method)}-seed*") if (p / "best.pt").is_file())
+        if runs:
+            results["rows"][method] = row_breakdown(runs, cases, instances)
+            print(method, json.dumps(results["rows"][method]), flush=True)
+    text = markdown(results)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
