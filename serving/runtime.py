@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence, Union
 
@@ -102,7 +103,8 @@ class OpenVinoSession:
 
     Compiled for latency (one stream: a request gets every thread) at OpenVINO's default inference precision,
     bfloat16 on CPUs that compute it natively, else float32 (:attr:`precision` says which). Dynamic input shapes
-    stay dynamic. Each ``run`` uses its own infer request, so concurrent calls do not share buffers.
+    stay dynamic. One infer request serves every ``run`` (a new request per call grew the server by 50 MB in a
+    90 s load test); a lock keeps concurrent calls from sharing its buffers.
     """
 
     def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None) -> None:
@@ -116,6 +118,8 @@ class OpenVinoSession:
         self._inputs = {_port_name(port, True): index for index, port in enumerate(self._model.inputs)}
         self._outputs = {_port_name(port, False): index for index, port in enumerate(self._model.outputs)}
         self.precision = self._model.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
+        self._request = self._model.create_infer_request()
+        self._lock = threading.Lock()
 
     def get_inputs(self) -> list[TensorName]:
         return [TensorName(name) for name in self._inputs]
@@ -132,10 +136,11 @@ class OpenVinoSession:
             if name not in known:
                 raise ValueError(f"the model has no tensor {name!r}; it has inputs {sorted(self._inputs)} and "
                                  f"outputs {sorted(self._outputs)}")
-        request = self._model.create_infer_request()
-        results = request.infer({self._inputs[name]: np.ascontiguousarray(value) for name, value in feeds.items()})
-        # Copies: the request's output buffers are not the caller's to keep.
-        return [np.array(results[self._outputs[name]], copy=True) for name in names]
+        with self._lock:
+            results = self._request.infer({self._inputs[name]: np.ascontiguousarray(value)
+                                           for name, value in feeds.items()})
+            # Copies: the request's output buffers are reused by the next call.
+            return [np.array(results[self._outputs[name]], copy=True) for name in names]
 
 
 def create_session(
