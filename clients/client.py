@@ -13,6 +13,8 @@ errors (and exit codes) is the table in :mod:`mixsup.clients.protocol`.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -76,9 +78,16 @@ class SegmentationClient:
         self._endpoint = Endpoint(self.url, model, timeout_s, connect_timeout_s)
         self._client = grpcclient.InferenceServerClient(url=self.url, channel_args=channel_args())
         self._contract: ModelContract | None = None
+        # Registered shared-memory regions between requests, one pair per request in flight at most.
+        self._idle_regions: list[SharedMemoryRegions] = []
+        self._regions_lock = threading.Lock()
 
     def close(self) -> None:
-        """Close the gRPC channel."""
+        """Remove this client's shared-memory regions and close the gRPC channel."""
+        with self._regions_lock:
+            idle, self._idle_regions = self._idle_regions, []
+        for regions in idle:
+            regions.close()
         self._client.close()
 
     def __enter__(self) -> "SegmentationClient":
@@ -170,8 +179,15 @@ class SegmentationClient:
         volume = request_volume(volume)
         regions = self._shared_memory_regions(volume, want_probabilities) if self._use_shared_memory else None
         if regions is not None:
-            with regions:
-                return self._infer_through(regions, volume, want_probabilities)
+            try:
+                answer = self._infer_through(regions, volume, want_probabilities)
+            except BaseException:
+                # A server restarted since has forgotten them: the next request registers new ones.
+                regions.close()
+                raise
+            with self._regions_lock:
+                self._idle_regions.append(regions)
+            return answer
         volume, inputs, outputs = inference_request(volume, want_probabilities)
         answer = self._run(inputs, outputs, volume.shape)
         return self._endpoint.read_outputs(answer, volume.shape, want_probabilities)
@@ -189,12 +205,19 @@ class SegmentationClient:
         return voxels, (2 * self.contract().num_classes * voxels if want_probabilities else 0)
 
     def _shared_memory_regions(self, volume: np.ndarray, want_probabilities: bool) -> SharedMemoryRegions | None:
-        """Registered regions for this request, or None (and plain gRPC from now on) when ``auto`` meets a server
-        that refuses them."""
+        """Registered regions for this request -- idle ones of this client that are large enough, else new ones
+        (an idle pair too small is removed, so the client holds no more pairs than requests it ran at once) --
+        or None (and plain gRPC from now on) when ``auto`` meets a server that refuses them."""
+        sizes = {"input": volume.nbytes, "output": sum(self._output_sizes(volume.shape, want_probabilities))}
+        with self._regions_lock:
+            for index, regions in enumerate(self._idle_regions):
+                if regions.fits(sizes):
+                    return self._idle_regions.pop(index)
+            too_small = self._idle_regions.pop() if self._idle_regions else None
+        if too_small is not None:
+            too_small.close()
         try:
-            return SharedMemoryRegions(self._client, {"input": volume.nbytes,
-                                                      "output": sum(self._output_sizes(volume.shape,
-                                                                                       want_probabilities))})
+            return SharedMemoryRegions(self._client, sizes)
         except (InferenceServerException, SharedMemoryException) as exc:
             if self.shared_memory == "on":
                 detail = exc.message() if isinstance(exc, InferenceServerException) else str(exc)

@@ -5,7 +5,10 @@ Over loopback gRPC a whole CT volume still goes through protobuf serialisation a
 out (TRITON.md: 0.21 s instead of ~1 s for 100 MB in and out). ``auto`` uses them when the URL is a loopback
 address and falls back to plain gRPC for good if the server refuses the registration (``mixsup-serve`` beyond
 loopback closes that API); ``on`` insists; ``off`` never. Regions are named ``mixsup_client_<pid>_<random>_*``
-(the launcher's sweep of dead servers' regions leaves them alone) and removed after each request.
+(the launcher's sweep of dead servers' regions leaves them alone). A client keeps its regions registered and
+reuses them from request to request (registering a pair per request grew ``tritonserver`` by ~0.12 MB a
+request, measured over 2,000 requests; without shared memory it stays flat), and removes them when it closes or
+when a request through them fails.
 """
 from __future__ import annotations
 
@@ -46,17 +49,22 @@ class SharedMemoryRegions:
 
     def __init__(self, client: Any, sizes: dict[str, int]) -> None:
         self.client = client
+        self.sizes = {role: max(1, int(size)) for role, size in sizes.items()}
         tag = f"mixsup_client_{os.getpid()}_{secrets.token_hex(4)}"
         self.handles: dict[str, Any] = {}
         self.names = {role: f"{tag}_{role}" for role in sizes}
         try:
-            for role, size in sizes.items():
+            for role, size in self.sizes.items():
                 name = self.names[role]
-                self.handles[role] = shm.create_shared_memory_region(name, "/" + name, max(1, size))
-                client.register_system_shared_memory(name, "/" + name, max(1, size))
+                self.handles[role] = shm.create_shared_memory_region(name, "/" + name, size)
+                client.register_system_shared_memory(name, "/" + name, size)
         except BaseException:
             self.close()
             raise
+
+    def fits(self, sizes: dict[str, int]) -> bool:
+        """Whether these regions can carry tensors of ``sizes`` bytes per role (the same roles, no larger)."""
+        return sizes.keys() == self.sizes.keys() and all(size <= self.sizes[role] for role, size in sizes.items())
 
     def write(self, role: str, array: np.ndarray) -> None:
         shm.set_shared_memory_region(self.handles[role], [np.ascontiguousarray(array)])

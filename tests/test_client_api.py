@@ -182,10 +182,19 @@ def test_shared_memory_gives_the_grpc_answer_and_leaves_nothing_behind(real_trit
             SegmentationClient(real_triton, shared_memory="on") as shared:
         expected = plain.segment_volume(volume, want_probabilities=True)
         labels, probabilities = shared.segment_volume(volume, want_probabilities=True)
+        regions = sorted(p.name for p in Path("/dev/shm").glob("mixsup_client_*"))
+        assert len(regions) == 2  # input and output, kept registered for the next request
+        # Smaller requests reuse them (registering a pair per request grows tritonserver's memory).
         assert np.array_equal(shared.segment_volume(volume), expected[0])
+        assert np.array_equal(shared.segment_volume(volume[:4]), plain.segment_volume(volume[:4]))
+        assert sorted(p.name for p in Path("/dev/shm").glob("mixsup_client_*")) == regions
+        # A larger one replaces them: still one pair.
+        taller = np.concatenate([volume, volume])
+        assert np.array_equal(shared.segment_volume(taller), plain.segment_volume(taller))
+        assert len(list(Path("/dev/shm").glob("mixsup_client_*"))) == 2
         assert shared._use_shared_memory  # it did not fall back
     assert np.array_equal(labels, expected[0]) and np.array_equal(probabilities, expected[1])
-    assert not list(Path("/dev/shm").glob("mixsup_client_*"))
+    assert not list(Path("/dev/shm").glob("mixsup_client_*"))  # closing the client removed them
     assert [is_loopback(u) for u in ("127.0.0.1:8001", "localhost:1", "[::1]:8001", "10.0.0.5:8001", "triton:8001")] \
         == [True, True, True, False, False]
     assert wants_shared_memory("auto", "127.0.0.1:8001") and not wants_shared_memory("auto", "triton:8001")
