@@ -5,10 +5,10 @@ Over loopback gRPC a whole CT volume still goes through protobuf serialisation a
 out (TRITON.md: 0.21 s instead of ~1 s for 100 MB in and out). ``auto`` uses them when the URL is a loopback
 address and falls back to plain gRPC for good if the server refuses the registration (``mixsup-serve`` beyond
 loopback closes that API); ``on`` insists; ``off`` never. Regions are named ``mixsup_client_<pid>_<random>_*``
-(the launcher's sweep of dead servers' regions leaves them alone). A client keeps its regions registered and
-reuses them from request to request (registering a pair per request grew ``tritonserver`` by ~0.12 MB a
-request, measured over 2,000 requests; without shared memory it stays flat), and removes them when it closes or
-when a request through them fails.
+(``mixsup-serve`` sweeps at start those whose pid no longer runs: a killed client's). A client keeps its
+regions registered and reuses them from request to request (registering a pair per request grew
+``tritonserver`` by ~0.12 MB a request, measured over 2,000 requests; without shared memory it stays flat), and
+removes them when it closes or when a request through them fails.
 """
 from __future__ import annotations
 

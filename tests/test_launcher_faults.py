@@ -139,6 +139,8 @@ def test_shm_prefix_names_its_owner():
     assert processes.shm_owner(prefix + "3a09861c-74b9-4c13-9262-72a108d459e3") == me
     assert processes.shm_owner("mixsup_serve_123_7b982494_3a09861c-74b9") == (123, None)  # before start times
     assert processes.shm_owner("mixsup_serve_123_12345678_3a09861c-74b9") == (123, None)  # all-digit random part
+    assert processes.shm_owner("mixsup_client_456_0a1b2c3d_input") == (456, None)  # a client's (no start time)
+    assert processes.shm_owner("mixsup_client_x_0a1b2c3d_input") is None
     assert processes.shm_owner("triton_python_backend_shm_region_1") is None
 
 
@@ -154,6 +156,8 @@ def test_stale_shm_regions_of_gone_launchers_are_swept_live_ones_kept():
         "pid reused by another process": f"mixsup_serve_{me}_{started + 1}_{tag}_a",
         "live": f"mixsup_serve_{me}_{started}_{tag}_a",
         "live, older naming": f"mixsup_serve_{me}_{tag}_a",
+        "dead client": f"mixsup_client_{dead_pid()}_{tag}_input",
+        "live client": f"mixsup_client_{me}_{tag}_output",
         "not mixsup's": f"triton_python_backend_shm_region_{tag}",
     }
     try:
@@ -161,7 +165,7 @@ def test_stale_shm_regions_of_gone_launchers_are_swept_live_ones_kept():
             (SHM / name).write_bytes(b"x" * 1000)
         removed = processes.sweep_stale_shm_regions()
         left = {what for what, name in names.items() if (SHM / name).exists()}
-        assert left == {"live", "live, older naming", "not mixsup's"}
+        assert left == {"live", "live, older naming", "live client", "not mixsup's"}
         assert {SHM / names[what] for what in names if what not in left} <= set(removed)
         assert all(removed[SHM / names[what]] == 1000 for what in names if what not in left)
     finally:
