@@ -37,6 +37,12 @@ def tensorrt_provider(trt_cache_dir: str | os.PathLike | None = None, fp16: bool
     return TENSORRT, options
 
 
+def check_device(device: str) -> None:
+    """A ValueError naming the choices unless ``device`` is one of :data:`DEVICES`."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+
+
 def choose_providers(
     available: Sequence[str],
     device: str = "auto",
@@ -48,8 +54,7 @@ def choose_providers(
     ``auto`` takes the fastest of ``available`` (usually ``ort.get_available_providers()``); naming a device
     that is not available is an error rather than a silent fall-back to the CPU.
     """
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    check_device(device)
     if device == "cuda" and CUDA not in available:
         raise ValueError(f"device 'cuda' asked for, but ONNX Runtime offers only {list(available)} "
                          "(install onnxruntime-gpu on a CUDA host)")
@@ -72,8 +77,7 @@ def openvino_installed() -> bool:
 def uses_openvino(device: str, available: Sequence[str], openvino: bool) -> bool:
     """Whether ``device`` runs on OpenVINO: asked for by name (an error when ``openvino`` is not installed),
     or ``auto`` on a host whose ONNX Runtime offers no GPU provider in ``available``."""
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    check_device(device)
     if device == OPENVINO and not openvino:
         raise ValueError("device 'openvino' asked for, but OpenVINO is not installed (pip install openvino)")
     return device == OPENVINO or (device == "auto" and openvino and not {TENSORRT, CUDA} & set(available))
@@ -103,8 +107,8 @@ class OpenVinoSession:
 
     Compiled for latency (one stream: a request gets every thread) at OpenVINO's default inference precision,
     bfloat16 on CPUs that compute it natively, else float32 (:attr:`precision` says which). Dynamic input shapes
-    stay dynamic. One infer request serves every ``run`` (a new request per call grew the server by 50 MB in a
-    90 s load test); a lock keeps concurrent calls from sharing its buffers.
+    stay dynamic. One infer request, made once, serves every ``run``; a lock keeps concurrent calls from
+    sharing its buffers.
     """
 
     def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None) -> None:
