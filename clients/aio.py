@@ -36,6 +36,7 @@ from mixsup.clients.protocol import (
     inference_request,
     is_connection_failure,
     normalize_url,
+    request_parameters,
 )
 from mixsup.clients.result import Result, ScanSource, as_scan
 from mixsup.clients.slabs import DEFAULT_SLAB_SLICES, SlabAnswers, slab_plan
@@ -170,7 +171,8 @@ class AsyncSegmentationClient:
         volume, inputs, outputs = inference_request(volume, want_probabilities)
         try:
             answer = await self._client.infer(
-                self.model, inputs=inputs, outputs=outputs, client_timeout=self.timeout_s
+                self.model, inputs=inputs, outputs=outputs, client_timeout=self.timeout_s,
+                parameters=request_parameters(want_probabilities),
             )
         except InferenceServerException as exc:
             action = f"segmenting a {describe_shape(volume.shape)} volume"

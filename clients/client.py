@@ -37,6 +37,7 @@ from mixsup.clients.protocol import (
     inference_request,
     is_connection_failure,
     normalize_url,
+    request_parameters,
     request_volume,
 )
 from mixsup.clients.result import Result, ScanSource, as_scan, segment_to_result
@@ -189,12 +190,13 @@ class SegmentationClient:
                 self._idle_regions.append(regions)
             return answer
         volume, inputs, outputs = inference_request(volume, want_probabilities)
-        answer = self._run(inputs, outputs, volume.shape)
+        answer = self._run(inputs, outputs, volume.shape, want_probabilities)
         return self._endpoint.read_outputs(answer, volume.shape, want_probabilities)
 
-    def _run(self, inputs: list, outputs: list, shape: tuple[int, ...]):
+    def _run(self, inputs: list, outputs: list, shape: tuple[int, ...], want_probabilities: bool):
         try:
-            return self._client.infer(self.model, inputs=inputs, outputs=outputs, client_timeout=self.timeout_s)
+            return self._client.infer(self.model, inputs=inputs, outputs=outputs, client_timeout=self.timeout_s,
+                                      parameters=request_parameters(want_probabilities))
         except InferenceServerException as exc:
             action = f"segmenting a {describe_shape(shape)} volume"
             raise self._endpoint.translate(exc, action, during_inference=True) from None
@@ -237,7 +239,7 @@ class SegmentationClient:
         if want_probabilities:
             outputs.append(grpcclient.InferRequestedOutput(PROBABILITIES_OUTPUT))
             outputs[1].set_shared_memory(regions.names["output"], probability_bytes, offset=labels_bytes)
-        answer = self._run([request], outputs, volume.shape)
+        answer = self._run([request], outputs, volume.shape, want_probabilities)
         for output in outputs:
             returned = answer.get_output(output.name())
             self._endpoint.check_output_shape(output.name(), None if returned is None else list(returned.shape),

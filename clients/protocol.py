@@ -44,6 +44,10 @@ INPUT_NAME = "volume"
 LABELS_OUTPUT = "labels"
 PROBABILITIES_OUTPUT = "probabilities"
 CONTRACT_PARAMETER = "contract"
+#: Request parameter that asks the ensemble's fuse step for the probabilities (TRITON.md): Triton requests every
+#: output of an ensemble step whatever the client asked for, so without it the step would copy out 2 bytes per
+#: voxel and class that are thrown away.
+PROBABILITIES_PARAMETER = "probabilities"
 
 ORGAN_LABEL = 1
 LESION_LABEL = 2
@@ -189,6 +193,11 @@ def inference_request(
     request.set_data_from_numpy(volume)
     names = [LABELS_OUTPUT] + ([PROBABILITIES_OUTPUT] if want_probabilities else [])
     return volume, [request], [grpcclient.InferRequestedOutput(name) for name in names]
+
+
+def request_parameters(want_probabilities: bool) -> dict[str, bool] | None:
+    """The request parameters of one ``segment`` request (None: none needed)."""
+    return {PROBABILITIES_PARAMETER: True} if want_probabilities else None
 
 
 def request_volume(volume: np.ndarray) -> np.ndarray:

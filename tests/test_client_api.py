@@ -199,3 +199,23 @@ def test_shared_memory_gives_the_grpc_answer_and_leaves_nothing_behind(real_trit
         == [True, True, True, False, False]
     assert wants_shared_memory("auto", "127.0.0.1:8001") and not wants_shared_memory("auto", "triton:8001")
     assert wants_shared_memory("on", "triton:8001") and not wants_shared_memory("off", "127.0.0.1:8001")
+
+
+def test_probabilities_leave_the_server_only_when_the_request_asks_for_them(real_triton):
+    """Triton asks every ensemble step for all its outputs, so the fuse step goes by the request parameter: a
+    plain request for labels gets no probabilities copied out; the clients set the parameter when they want them."""
+    import tritonclient.grpc as grpcclient
+
+    from mixsup.clients.protocol import request_parameters
+
+    volume = np.random.default_rng(5).integers(-100, 300, size=(5, 12, 10)).astype(np.int16)
+    request = grpcclient.InferInput("volume", list(volume.shape), "INT16")
+    request.set_data_from_numpy(volume)
+    both = [grpcclient.InferRequestedOutput(name) for name in ("labels", "probabilities")]
+    with grpcclient.InferenceServerClient(real_triton) as raw:
+        unasked = raw.infer("segment", [request], outputs=both)
+        asked = raw.infer("segment", [request], outputs=both, parameters=request_parameters(True))
+    assert unasked.as_numpy("probabilities") is None
+    assert np.array_equal(unasked.as_numpy("labels"), asked.as_numpy("labels"))
+    assert asked.as_numpy("probabilities").shape == (3, *volume.shape)
+    assert request_parameters(False) is None

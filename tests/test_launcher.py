@@ -138,10 +138,13 @@ def expected_output(volume, members):
 def segment(grpc_url, volume, outputs=("labels", "probabilities")):
     import tritonclient.grpc as grpcclient
 
+    from mixsup.clients.protocol import request_parameters
+
     with grpcclient.InferenceServerClient(grpc_url) as client:
         request = grpcclient.InferInput("volume", list(volume.shape), "INT16")
         request.set_data_from_numpy(volume)
-        result = client.infer("segment", [request], outputs=[grpcclient.InferRequestedOutput(o) for o in outputs])
+        result = client.infer("segment", [request], outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
+                              parameters=request_parameters("probabilities" in outputs))
         return [result.as_numpy(o) for o in outputs]
 
 

@@ -2,6 +2,10 @@
 
 Inputs ``probabilities_0`` .. ``probabilities_{n-1}`` FP16 [C,D,H,W]; outputs ``labels`` UINT8 [D,H,W] and
 ``probabilities`` FP16 [C,D,H,W]. Parameter WEIGHTS: one positive number per member, comma-separated.
+
+The probabilities go out only when the request carries the parameter ``probabilities: true`` (TRITON.md): as an
+ensemble step this model is asked for every output whatever the client requested, and copying out 2 bytes per
+voxel and class that the ensemble then drops is wasted time.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from mixsup.serving.triton.common import (
 
 LABELS = "labels"
 PROBABILITIES = "probabilities"
+PROBABILITIES_PARAMETER = "probabilities"
 
 
 class TritonPythonModel:
@@ -35,10 +40,14 @@ class TritonPythonModel:
                 member_probs = [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs]
                 labels, probabilities = fuse_probabilities(member_probs, self.weights)
                 outputs = [pb_utils.Tensor(LABELS, labels)]
-                # Probabilities are 3 bytes of float16 per voxel and class: copied out only when asked for.
-                if PROBABILITIES in request.requested_output_names():
+                if wants_probabilities(request):
                     outputs.append(pb_utils.Tensor(PROBABILITIES, probabilities))
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(one_line(exc))))
         return responses
+
+
+def wants_probabilities(request) -> bool:
+    """Whether the client asked for the probabilities (request parameter, see the module docstring)."""
+    return json.loads(request.parameters() or "{}").get(PROBABILITIES_PARAMETER) is True
