@@ -1,8 +1,9 @@
 """``mixsup-export CKPT --repository DIR --name NAME``: a checkpoint becomes a served member of an ensemble.
 
 Writes ``DIR/NAME`` (the network) and ``DIR/NAME_window`` (its sliding-window step), then the ensemble it joins
-(``DIR/segment`` and its ``DIR/fuse``, or E and ``E_fuse`` with ``--member E``). Only the recipe's segmentation
-path is exported (its auxiliary heads stay in training), with the HU window as its first op and a softmax on top.
+(``DIR/segment`` and, once it has two members, its ``DIR/fuse``; or E and ``E_fuse`` with ``--member E``). Only
+the recipe's segmentation path is exported (its auxiliary heads stay in training), with the HU window as its first
+op and a softmax on top.
 
 Formats: ``onnx`` (default) runs on ONNX Runtime inside Triton's python backend, or with ``--backend onnxruntime``
 on Triton's native onnxruntime platform (``--tensorrt-accelerator`` adds TensorRT there); ``torchscript`` gives a

@@ -6,10 +6,11 @@ Layout written here (DESIGN.md, "Triton model repository")::
     NAME/1/model.onnx           (or model.pt / model.plan; + any external-data files an ONNX model references)
     NAME/1/contract.json
     NAME/1/model.py             python runtime only: thin adapter -> mixsup.serving.triton.network
-    NAME_window/config.pbtxt    python backend: whole volume -> tiles -> NAME (BLS) -> Gaussian blend
+    NAME_window/config.pbtxt    python backend: whole volume -> tiles -> NAME (BLS) -> Gaussian blend -> labels
     NAME_window/1/model.py      thin adapter -> mixsup.serving.triton.window
     fuse/...                    python backend: weighted mean of the members -> labels
     segment/config.pbtxt        ensemble: volume -> every NAME_window in parallel -> fuse
+                                (one member: volume -> NAME_window, no fuse step: it would only copy)
     E/, E_fuse/                 any further ensemble E over other members and weights (folds, recipes)
 
 Models beside the ensembles, for direct calls (ONNX Runtime in the python backend, every tensor the model's
@@ -21,7 +22,7 @@ contract names, the contract itself as config parameter ``contract``)::
 
 An ensemble's members and weights are stored once, where Triton reads them: the order of its window steps and
 the ``WEIGHTS`` parameter of its fuse step (:func:`read_ensemble` reads them back; the contract it embeds lists
-them too, for clients).
+them too, for clients, and is where a lone member's weight, which changes nothing served, is kept).
 
 Network runtimes (:data:`RUNTIMES`): ``python`` (ONNX Runtime inside Triton's python backend, the default and the
 one the ``nvidia-pytriton`` server runs), ``onnxruntime`` (Triton's native ``onnxruntime_onnx`` platform, optionally
@@ -438,7 +439,7 @@ def write_network(
         window_name(name),
         max_batch_size=0,
         inputs=[(VOLUME_INPUT, "TYPE_INT16", [-1, -1, -1])],
-        outputs=[(NETWORK_OUTPUT, "TYPE_FP16", [-1, -1, -1, -1])],
+        outputs=[(NETWORK_OUTPUT, "TYPE_FP16", [-1, -1, -1, -1]), (LABELS_OUTPUT, "TYPE_UINT8", [-1, -1, -1])],
         instance_count=window_instance_count,
         parameters={
             "NETWORK": name,
@@ -510,7 +511,8 @@ def write_ensemble(
     members: Sequence[tuple[str, float]] | None = None,
     name: str = DEFAULT_ENSEMBLE,
 ) -> Path:
-    """Write the fuse model and the ensemble ``name`` over ``members`` (network name, weight).
+    """Write the ensemble ``name`` over ``members`` (network name, weight) and, for more than one member, its fuse
+    model (one member's window step gives the labels itself).
 
     ``members=None`` takes every network in the repository with weight 1. The ensemble's config carries the
     members' shared contract as parameter ``contract``. Returns the ensemble's folder.
@@ -539,28 +541,13 @@ def write_ensemble(
     num_classes = contract.num_classes
 
     fuser = fuse_name(name)
-    member_outputs = [f"probabilities_{index}" for index in range(len(members))]
-    fuse_dir = repository / fuser
-    (fuse_dir / VERSION).mkdir(parents=True, exist_ok=True)
-    write_adapter(fuse_dir / VERSION, "fuse", "mixsup.serving.triton.fuse")
-    write_config(fuse_dir / "config.pbtxt", python_model_config(
-        fuser,
-        max_batch_size=0,
-        inputs=[(output, "TYPE_FP16", [-1, -1, -1, -1]) for output in member_outputs],
-        outputs=[(LABELS_OUTPUT, "TYPE_UINT8", [-1, -1, -1]), (NETWORK_OUTPUT, "TYPE_FP16", [-1, -1, -1, -1])],
-        instance_count=1,
-        parameters={"WEIGHTS": ",".join(repr(weight) for _, weight in members), "NUM_CLASSES": num_classes},
-    ))
-
-    steps = [
-        ensemble_step(window_name(member), {VOLUME_INPUT: VOLUME_INPUT}, {NETWORK_OUTPUT: output})
-        for member, output in zip(names, member_outputs)
-    ]
-    steps.append(ensemble_step(
-        fuser,
-        {output: output for output in member_outputs},
-        {LABELS_OUTPUT: LABELS_OUTPUT, NETWORK_OUTPUT: NETWORK_OUTPUT},
-    ))
+    if len(members) == 1:
+        # The window step argmaxes its own probabilities: a fuse step would only copy them.
+        shutil.rmtree(repository / fuser, ignore_errors=True)
+        steps = [ensemble_step(window_name(names[0]), {VOLUME_INPUT: VOLUME_INPUT},
+                               {LABELS_OUTPUT: LABELS_OUTPUT, NETWORK_OUTPUT: NETWORK_OUTPUT})]
+    else:
+        steps = write_fuse_step(repository, fuser, members, num_classes)
     ensemble_dir = repository / name
     # Triton needs the ensemble's version folder to exist; a file in it keeps the folder when the repository
     # goes through git, which drops empty folders (a fresh clone then failed to load 'segment').
@@ -575,6 +562,33 @@ def write_ensemble(
         parameters={CONTRACT_PARAMETER: json.dumps(contract.to_dict(), sort_keys=True)},
     ))
     return ensemble_dir
+
+
+def write_fuse_step(repository: Path, fuser: str, members: Sequence[tuple[str, float]],
+                    num_classes: int) -> list[mc.ModelEnsembling.Step]:
+    """Write the fuse model ``fuser`` over ``members``; returns the ensemble's steps (every window, then it)."""
+    member_outputs = [f"probabilities_{index}" for index in range(len(members))]
+    fuse_dir = repository / fuser
+    (fuse_dir / VERSION).mkdir(parents=True, exist_ok=True)
+    write_adapter(fuse_dir / VERSION, "fuse", "mixsup.serving.triton.fuse")
+    write_config(fuse_dir / "config.pbtxt", python_model_config(
+        fuser,
+        max_batch_size=0,
+        inputs=[(output, "TYPE_FP16", [-1, -1, -1, -1]) for output in member_outputs],
+        outputs=[(LABELS_OUTPUT, "TYPE_UINT8", [-1, -1, -1]), (NETWORK_OUTPUT, "TYPE_FP16", [-1, -1, -1, -1])],
+        instance_count=1,
+        parameters={"WEIGHTS": ",".join(repr(weight) for _, weight in members), "NUM_CLASSES": num_classes},
+    ))
+    steps = [
+        ensemble_step(window_name(member), {VOLUME_INPUT: VOLUME_INPUT}, {NETWORK_OUTPUT: output})
+        for (member, _), output in zip(members, member_outputs)
+    ]
+    steps.append(ensemble_step(
+        fuser,
+        {output: output for output in member_outputs},
+        {LABELS_OUTPUT: LABELS_OUTPUT, NETWORK_OUTPUT: NETWORK_OUTPUT},
+    ))
+    return steps
 
 
 def list_networks(repository: str | os.PathLike, kind: str = SEGMENTATION) -> list[str]:
@@ -598,6 +612,12 @@ def read_ensemble(repository: str | os.PathLike, name: str) -> list[tuple[str, f
     if config.platform != "ensemble":
         raise InputError(f"{folder} is a model, not an ensemble")
     models = [step.model_name for step in config.ensemble_scheduling.step]
+    if len(models) == 1 and models[0].endswith(WINDOW_SUFFIX):
+        # A lone member's weight changes nothing Triton computes; the contract keeps it for when members join.
+        member = models[0][: -len(WINDOW_SUFFIX)]
+        told = ModelContract.from_json(config.parameters[CONTRACT_PARAMETER].string_value).extra
+        weights = [m["weight"] for m in told.get("ensemble_members", []) if m.get("name") == member]
+        return [(member, float(weights[0]) if weights else 1.0)]
     if len(models) < 2 or models[-1] != fuse_name(name) or not all(m.endswith(WINDOW_SUFFIX) for m in models[:-1]):
         raise InputError(f"{folder}: not a sliding-window ensemble with its fuse step {fuse_name(name)!r} "
                          f"(steps {models})")

@@ -71,8 +71,9 @@ def test_contract_and_entries(repository, tiny_checkpoint):
     contract = ModelContract.load(repository / "unet" / "1" / "contract.json")
     assert contract.opset == 17 and contract.patch_size == (48, 48) and contract.recipe == "unet"
     assert contract.checkpoint.startswith(f"{tiny_checkpoint.name} sha256:")
-    for entry in ["unet_window", "fuse", "segment"]:
+    for entry in ["unet_window", "segment"]:
         assert (repository / entry / "config.pbtxt").is_file()
+    assert not (repository / "fuse").exists()  # one network: its window step gives the labels
     segment = (repository / "segment" / "config.pbtxt").read_text()
     assert 'platform: "ensemble"' in segment and "unet_window" in segment
 
@@ -130,7 +131,7 @@ def test_torchscript_export(tiny_checkpoint, network, tmp_path):
     config = read_config(tmp_path / "ts" / "config.pbtxt")
     assert (config.platform, config.max_batch_size) == ("pytorch_libtorch", 16)
     assert [s.model_name for s in read_config(tmp_path / "segment" / "config.pbtxt").ensemble_scheduling.step] == [
-        "ts_window", "fuse"]
+        "ts_window"]
     above_window = np.full((1, 3, 48, 48), 250.0, np.float32)
     at_top = torchscript_probabilities(version / "model.pt", above_window)
     assert np.array_equal(at_top, torchscript_probabilities(version / "model.pt", above_window + 2000.0))

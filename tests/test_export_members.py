@@ -33,10 +33,13 @@ def served_members(repository, ensemble="segment"):
     config = read_config(repository / ensemble / "config.pbtxt")
     fuse = "fuse" if ensemble == "segment" else f"{ensemble}_fuse"
     steps = [step.model_name for step in config.ensemble_scheduling.step]
+    told = ModelContract.from_json(config.parameters["contract"].string_value).extra["ensemble_members"]
+    if len(steps) == 1:  # one member: its window step alone, no fuse step; the weight lives in the contract only
+        assert not (repository / fuse).exists() and len(told) == 1
+        return [(steps[0][: -len("_window")], told[0]["weight"])]
     assert steps[-1] == fuse
     weights = [float(w) for w in read_config(repository / fuse / "config.pbtxt").parameters["WEIGHTS"]
                .string_value.split(",")]
-    told = ModelContract.from_json(config.parameters["contract"].string_value).extra["ensemble_members"]
     members = [(step[: -len("_window")], weight) for step, weight in zip(steps[:-1], weights)]
     assert [(m["name"], m["weight"]) for m in told] == members
     return members

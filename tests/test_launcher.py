@@ -228,7 +228,7 @@ def test_sigterm_stops_cleanly_and_removes_shared_memory(tmp_path):
         assert segment(grpc_url, np.zeros((1, 32, 32), np.int16), outputs=("labels",))[0].shape == (1, 32, 32)
         regions = list(SHM.glob(f"mixsup_serve_{proc.pid}_*"))
         assert regions, "the python backend should map shared memory with this launch's prefix"
-        assert re.search(r"ready on grpc 127\.0\.0\.1:\d+, http 127\.0\.0\.1:\d+, 4 models", launcher_output(proc))
+        assert re.search(r"ready on grpc 127\.0\.0\.1:\d+, http 127\.0\.0\.1:\d+, 3 models", launcher_output(proc))
         assert "APIs are closed" not in launcher_output(proc)  # loopback (the default) keeps them open
         index = urllib.request.Request(http_url + "/v2/repository/index", data=b"{}", method="POST")
         with urllib.request.urlopen(index, timeout=10) as response:

@@ -77,7 +77,8 @@ def test_window_entry(tmp_path, onnx_file, contract):
     config = read_config(tmp_path / "student_window" / "config.pbtxt")
     assert (config.name, config.backend, config.max_batch_size) == ("student_window", "python", 0)
     assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("volume", INT16, [-1, -1, -1])]
-    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("probabilities", FP16, [-1] * 4)]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("probabilities", FP16, [-1] * 4),
+                                                                             ("labels", UINT8, [-1] * 3)]
     params = parameters(config)
     assert params["NETWORK"] == "student" and params["ROI"] == "32,48"
     assert (float(params["OVERLAP"]), int(params["BATCH_SIZE"]), float(params["SIGMA_SCALE"])) == (0.5, 4, 0.25)
@@ -194,8 +195,9 @@ def test_repository_survives_version_control(tmp_path, onnx_file, contract):
             target = shipped / path.relative_to(written)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
-    for model in ["a", "a_window", "fuse", "segment"]:
+    for model in ["a", "a_window", "segment"]:
         assert (shipped / model / "1").is_dir(), model
+    assert not (shipped / "fuse").exists()  # one member: its window step gives the labels
 
 
 # ---------------------------------------------------------------------------------------------- config kinds
@@ -304,8 +306,9 @@ def test_committed_repository_is_what_the_writer_writes(tmp_path):
     bundled = COMMITTED / "unet" / "1"
     write_network(tmp_path, "unet", bundled / "model.onnx", ModelContract.load(bundled))
     write_ensemble(tmp_path)
-    for model in ["unet", "unet_window", "fuse", "segment"]:
+    for model in ["unet", "unet_window", "segment"]:
         assert read_config(COMMITTED / model / "config.pbtxt") == read_config(tmp_path / model / "config.pbtxt"), model
+    assert not (COMMITTED / "fuse").exists() and not (tmp_path / "fuse").exists()
 
 
 # ---------------------------------------------------------------------------------- ensembles read back, extras
@@ -315,17 +318,25 @@ def test_read_ensemble_is_what_was_written(tmp_path, onnx_file, contract):
     for name in ("a", "b", "c"):
         write_network(tmp_path, name, onnx_file, contract)
     write_ensemble(tmp_path, [("b", 2.5), ("a", 1.0)])
-    write_ensemble(tmp_path, [("c", 0.25)], name="folds")
+    write_ensemble(tmp_path, [("c", 0.25), ("a", 1.0)], name="folds")
+    write_ensemble(tmp_path, [("c", 0.25)], name="alone")
     assert read_ensemble(tmp_path, "segment") == [("b", 2.5), ("a", 1.0)]
-    assert list_ensembles(tmp_path) == {"folds": [("c", 0.25)], "segment": [("b", 2.5), ("a", 1.0)]}
+    assert list_ensembles(tmp_path) == {"alone": [("c", 0.25)], "folds": [("c", 0.25), ("a", 1.0)],
+                                        "segment": [("b", 2.5), ("a", 1.0)]}
+    # one member: the ensemble is its window step alone (its weight kept in the contract), and no fuse step
+    steps = read_config(tmp_path / "alone" / "config.pbtxt").ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["c_window"] and not (tmp_path / "alone_fuse").exists()
     assert read_ensemble(tmp_path, "nothing") is None
     with pytest.raises(InputError, match="not an ensemble"):
         read_ensemble(tmp_path, "a")
     # the fuse step's weights are what Triton applies: an edited fuse is what read_ensemble reports
     fuse = tmp_path / "folds_fuse" / "config.pbtxt"
-    fuse.write_text(fuse.read_text().replace('"0.25"', '"0.25,1.0"'))
-    with pytest.raises(InputError, match="1 members but 2 weights"):
+    fuse.write_text(fuse.read_text().replace('"0.25,1.0"', '"0.25,1.0,2.0"'))
+    with pytest.raises(InputError, match="2 members but 3 weights"):
         read_ensemble(tmp_path, "folds")
+    # rewriting an ensemble with one member removes the fuse step it had
+    write_ensemble(tmp_path, [("a", 1.0)], name="folds")
+    assert not (tmp_path / "folds_fuse").exists() and read_ensemble(tmp_path, "folds") == [("a", 1.0)]
 
 
 def test_committed_ensemble_reads_back():

@@ -19,6 +19,17 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 
+#: Request parameter that asks for the probabilities of a ``segment`` request (TRITON.md). Triton requests every
+#: output of an ensemble step whatever the client asked for, so the steps that can end the ensemble (a lone
+#: window, a fuse step) go by this instead and copy out no 2 bytes per voxel and class that would be dropped.
+PROBABILITIES_PARAMETER = "probabilities"
+
+
+def asks_for_probabilities(parameters_json: str) -> bool:
+    """Whether a request's parameters (the JSON ``request.parameters()`` returns) ask for the probabilities."""
+    return json.loads(parameters_json or "{}").get(PROBABILITIES_PARAMETER) is True
+
+
 def model_parameters(model_config: Mapping) -> dict[str, str]:
     """The ``parameters`` of a Triton model config (as the JSON the python backend hands over) as strings."""
     return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}

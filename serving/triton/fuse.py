@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 from mixsup.serving.fuse import fuse_probabilities, normalized_weights
 from mixsup.serving.triton.common import (
+    asks_for_probabilities,
     model_parameters,
     one_line,
     parse_floats,
@@ -23,7 +24,6 @@ from mixsup.serving.triton.common import (
 
 LABELS = "labels"
 PROBABILITIES = "probabilities"
-PROBABILITIES_PARAMETER = "probabilities"
 
 
 class TritonPythonModel:
@@ -40,14 +40,9 @@ class TritonPythonModel:
                 member_probs = [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs]
                 labels, probabilities = fuse_probabilities(member_probs, self.weights)
                 outputs = [pb_utils.Tensor(LABELS, labels)]
-                if wants_probabilities(request):
+                if asks_for_probabilities(request.parameters()):
                     outputs.append(pb_utils.Tensor(PROBABILITIES, probabilities))
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(one_line(exc))))
         return responses
-
-
-def wants_probabilities(request) -> bool:
-    """Whether the client asked for the probabilities (request parameter, see the module docstring)."""
-    return json.loads(request.parameters() or "{}").get(PROBABILITIES_PARAMETER) is True

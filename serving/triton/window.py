@@ -2,10 +2,15 @@
 
 Input ``volume`` INT16 [D,H,W] (raw HU) -> batches of whole 2.5D slices (padded to SIZE_DIVISOR) when a padded
 slice fits MAX_SLICE, else Gaussian-blended tiles of ROI (:mod:`mixsup.serving.tiling`) -> sent to the network
-model over BLS -> output ``probabilities`` FP16 [C,D,H,W]. Up to two batches are in flight, so the next batch
-is built (and the previous one placed) while the network works. Parameters: NETWORK, ROI ("h,w"), OVERLAP,
-BATCH_SIZE (tiles per request; whole-slice requests carry as many pixels), SIGMA_SCALE, NUM_CLASSES,
-CONTEXT_SLICES, MAX_SLICE (0: always tile), SIZE_DIVISOR.
+model over BLS -> outputs ``probabilities`` FP16 [C,D,H,W] and ``labels`` UINT8 [D,H,W] (their argmax). Up to
+two batches are in flight, so the next batch is built (and the previous one placed) while the network works.
+Parameters: NETWORK, ROI ("h,w"), OVERLAP, BATCH_SIZE (tiles per request; whole-slice requests carry as many
+pixels), SIGMA_SCALE, NUM_CLASSES, CONTEXT_SLICES, MAX_SLICE (0: always tile), SIZE_DIVISOR.
+
+As a member of an ensemble of several networks this step is asked for the probabilities only (the fuse step
+averages them). An ensemble of one network is this step alone, asked for both outputs: it then sends the
+probabilities only when the request's parameters ask for them (:func:`sends_probabilities`), since Triton asks an
+ensemble step for every output it maps whatever the client requested.
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ from collections import deque
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mixsup.serving.fuse import first_max_index
 from mixsup.serving.tiling import Accumulator, plan_volume_inference
 from mixsup.serving.triton.common import (
+    asks_for_probabilities,
     model_parameters,
     one_line,
     parse_ints,
@@ -27,6 +34,7 @@ from mixsup.serving.triton.common import (
 VOLUME = "volume"
 NETWORK_INPUT = "input"
 OUTPUT = "probabilities"
+LABELS = "labels"
 #: Two batches in flight keep the network busy while this process tiles and blends; more only costs memory.
 MAX_IN_FLIGHT = 2
 
@@ -51,7 +59,13 @@ class TritonPythonModel:
             try:
                 volume = pb_utils.get_input_tensor_by_name(request, VOLUME).as_numpy()
                 probabilities = await self.predict(volume)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, probabilities)]))
+                requested = set(request.requested_output_names())
+                outputs = []
+                if LABELS in requested:
+                    outputs.append(pb_utils.Tensor(LABELS, first_max_index(probabilities)))
+                if sends_probabilities(requested, request.parameters()):
+                    outputs.append(pb_utils.Tensor(OUTPUT, probabilities))
+                responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(one_line(exc))))
         return responses
@@ -94,3 +108,8 @@ class TritonPythonModel:
             raise RuntimeError(f"network {self.network!r} failed: {response.error().message()}")
         probs = pb_utils.get_output_tensor_by_name(response, OUTPUT).as_numpy()
         accumulator.add(probs, where)
+
+
+def sends_probabilities(requested: set[str], parameters_json: str) -> bool:
+    """Probabilities go out to a fuse step (it asks for them alone) and to a request whose parameters ask for them."""
+    return OUTPUT in requested and (LABELS not in requested or asks_for_probabilities(parameters_json))
