@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
 from typing import Any
 
 import numpy as np
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils.shared_memory import SharedMemoryException
+
+from mixsup.shm_names import client_region_tag
 
 __all__ = ["SHM_MODES", "SharedMemoryException", "SharedMemoryRegions", "is_loopback", "wants_shared_memory"]
 
@@ -50,7 +51,7 @@ class SharedMemoryRegions:
     def __init__(self, client: Any, sizes: dict[str, int]) -> None:
         self.client = client
         self.sizes = {role: max(1, int(size)) for role, size in sizes.items()}
-        tag = f"mixsup_client_{os.getpid()}_{secrets.token_hex(4)}"
+        tag = client_region_tag(os.getpid())
         self.handles: dict[str, Any] = {}
         self.names = {role: f"{tag}_{role}" for role in sizes}
         try:

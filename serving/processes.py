@@ -19,11 +19,10 @@ import signal
 import sys
 from pathlib import Path
 
+from mixsup.shm_names import client_region_owner
+
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "mixsup_serve_"
-#: How ``mixsup-client`` names its registered regions (``mixsup_client_<pid>_<random>_<role>``,
-#: mixsup.clients.shm); a client keeps them while it runs, so a killed one leaves them behind.
-CLIENT_SHM_PREFIX = "mixsup_client_"
 #: Linux prctl options (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -117,17 +116,15 @@ def new_shm_prefix(pid: int | None = None) -> str:
 _SHM_OWNER = re.compile(rf"^{SHM_PREFIX}(\d+)_(?:(\d+)_(?=[0-9a-f]{{8}}_))?")
 
 
-_CLIENT_SHM_OWNER = re.compile(rf"^{CLIENT_SHM_PREFIX}(\d+)_[0-9a-f]{{8}}_")
-
-
 def shm_owner(name: str) -> tuple[int, int | None] | None:
     """(pid, start time or None) of the launcher or client that owns a ``/dev/shm`` region; None if not a mixsup
     one. Client regions carry no start time: a live process with the pid keeps them."""
     match = _SHM_OWNER.match(name)
     if match:
         return int(match.group(1)), int(match.group(2)) if match.group(2) else None
-    match = _CLIENT_SHM_OWNER.match(name)
-    return (int(match.group(1)), None) if match else None
+    # A client keeps its regions while it runs, so a killed one leaves them behind (mixsup.shm_names).
+    client = client_region_owner(name)
+    return None if client is None else (client, None)
 
 
 def remove_shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> list[Path]:
