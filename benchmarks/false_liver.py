@@ -1,0 +1,105 @@
+"""Where a network's liver errors lie, on a *selection* set: unseen seeds of the training generators (classic and
+randomized styles), never the evaluation generators, so a model may be chosen on it without tuning on them.
+
+For each network (a model-repository entry such as ``model_repository/unet``), in process with the client's exact
+pipeline (``evaluate_served_model.labels_in_process``: pre-processing, whole slices, the network on ``--device``,
+labels restored, post-processed), per style:
+
+* global liver Dice (liver ∪ lesion, as LiTS counts it) and lesion Dice;
+* false-positive, false-negative liver voxels, and the false positives on slices without any liver, binned by
+  their distance along z (mm) to the nearest slice with liver: a 2.5D network sees 3 slices, so false liver far
+  from the organ is a failure to tell tissue apart in-plane, near it perhaps a lack of z context;
+* the Dice the liver would reach with no false positive on liver-free slices.
+
+Usage: python benchmarks/false_liver.py [NAME=]NETWORK_DIR ... [--cases 8] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from evaluate_served_model import labels_in_process  # noqa: E402
+from measure import print_and_write  # noqa: E402
+
+from mixsup.readers import read_scan  # noqa: E402
+
+BIN = Path(sys.executable).parent
+#: Seeds of the selection set; training runs use seed 1 (cases 1000+), evaluation 90210.
+SEEDS = {"classic": 7000, "randomized": 7100}
+#: Edges (mm) of the z-distance bins of false liver on liver-free slices.
+Z_BINS_MM = (0, 5, 10, 20, 30, 50)
+
+
+def selection_cases(folder: Path, style: str, count: int, shape: tuple[int, int, int]) -> list[tuple[Path, Path]]:
+    """``count`` phantoms of the training generator's ``style`` at the selection seed, as NIfTI pairs."""
+    subprocess.run([str(BIN / "mixsup-data"), "phantoms", str(folder), "--n", str(count), "--seed",
+                    str(SEEDS[style]), "--shape", *map(str, shape), "--style", style, "-q"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return [(folder / f"volume-{i}.nii.gz", folder / f"segmentation-{i}.nii.gz") for i in range(count)]
+
+
+def liver_errors(predicted: np.ndarray, truth: np.ndarray, slice_mm: float) -> dict[str, np.ndarray | int]:
+    """Counts for one case on the canonical grid ([D, H, W], axial slices along D ``slice_mm`` apart)."""
+    p, t = predicted >= 1, truth >= 1
+    has_liver = t.any(axis=(1, 2))
+    liver_slices = np.flatnonzero(has_liver)
+    false_per_slice = (p & ~t).sum(axis=(1, 2))
+    by_distance = np.zeros(len(Z_BINS_MM), dtype=np.int64)
+    for z in np.flatnonzero(~has_liver):
+        distance = np.abs(liver_slices - z).min() * slice_mm if len(liver_slices) else np.inf
+        by_distance[np.searchsorted(Z_BINS_MM, distance, side="right") - 1] += false_per_slice[z]
+    lesion_p, lesion_t = predicted == 2, truth == 2
+    return {"tp": int((p & t).sum()), "fp": int((p & ~t).sum()), "fn": int((t & ~p).sum()),
+            "fp_liver_free_slices": by_distance,
+            "lesion_tp": int((lesion_p & lesion_t).sum()), "lesion_fp": int((lesion_p & ~lesion_t).sum()),
+            "lesion_fn": int((lesion_t & ~lesion_p).sum())}
+
+
+def score(network: Path, cases: list[tuple[Path, Path]], device: str) -> dict:
+    total: dict = {}
+    for volume_path, label_path in cases:
+        labels_scan = read_scan(label_path)
+        truth, spacing = labels_scan.canonical()
+        predicted = labels_in_process(read_scan(volume_path), network, device=device)
+        canonical = dataclasses.replace(labels_scan, voxels=predicted).canonical()[0]
+        for key, value in liver_errors(canonical, truth, float(spacing[0])).items():
+            total[key] = total.get(key, 0) + value
+    tp, fp, fn, free = total["tp"], total["fp"], total["fn"], total["fp_liver_free_slices"]
+    lesion = 2 * total["lesion_tp"] / max(1, 2 * total["lesion_tp"] + total["lesion_fp"] + total["lesion_fn"])
+    edges = [*Z_BINS_MM, None]
+    return {"dice_liver_global": round(2 * tp / (2 * tp + fp + fn), 4), "dice_lesion_global": round(lesion, 4),
+            "false_liver_voxels": fp, "missed_liver_voxels": fn, "false_liver_on_liver_free_slices": int(free.sum()),
+            "false_liver_on_liver_free_slices_by_z_mm": {
+                f"{lo}-{hi}" if hi is not None else f"{lo}+": int(n) for lo, hi, n in zip(edges, edges[1:], free)},
+            "dice_liver_without_those": round(2 * tp / (2 * tp + fp - int(free.sum()) + fn), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("networks", nargs="+", metavar="[NAME=]NETWORK_DIR",
+                        help="model-repository entries, e.g. v1=model_repository/unet")
+    parser.add_argument("--cases", type=int, default=8, help="phantoms per style")
+    parser.add_argument("--device", default="auto", help="engine of the network (see mixsup-export --device)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    shape = (40, 256, 256)
+    results: dict = {"cases_per_style": args.cases, "seeds": SEEDS, "shape": list(shape)}
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = {style: selection_cases(Path(tmp) / style, style, args.cases, shape) for style in SEEDS}
+        for named in args.networks:
+            name, _, path = named.rpartition("=")
+            results[name or path] = {style: score(Path(path), cases, args.device) for style, cases in sets.items()}
+    print_and_write(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
