@@ -29,6 +29,9 @@ client each); peak resident memory of the server (Triton and its stubs) and of t
 
 Writes ``benchmarks/results/serving.json`` (``speedup_vs_monai_eager``, ``speedup_vs_monai_torchscript``,
 ``speedup_vs_monai_torchscript_bf16``, ``overhead_vs_inprocess``, ``client_seconds``, ...) and ``serving.png``.
+``overhead_vs_inprocess`` comes from ``paired_seconds``: served and in process timed in turns, round by round,
+once the server is up (``seconds`` times each path in a block of its own, minutes apart);
+``overhead_vs_inprocess_cli_model`` the same with the bundled model's trained weights.
 Needs the ``bench`` extra (MONAI).
 
 Usage: python benchmarks/serving.py [--shape 100 512 512] [--spacing 2.5 0.7 0.7] [--repeats 3] [--out DIR]
@@ -193,6 +196,18 @@ def timed(function: Callable[[], Any], repeats: int) -> tuple[float, list[float]
     return float(np.median(runs[1:])), [round(r, 3) for r in runs], result
 
 
+def paired_medians(functions: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median seconds of each function over ``rounds`` rounds that call each once, in turn: a ratio of two paths
+    measured minutes apart on a shared CPU carries the drift between them, one of paths taken in turns does not."""
+    runs: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            runs[name].append(time.perf_counter() - started)
+    return {name: float(np.median(values)) for name, values in runs.items()}
+
+
 def cli_segment(scan: Path, out: Path, url: str) -> tuple[float, float]:
     """Seconds and peak RSS (MB) of one ``mixsup-client segment`` process."""
     started = time.perf_counter()
@@ -292,6 +307,10 @@ def main() -> None:
         try:
             with SegmentationClient(url) as client:
                 measure("served", lambda: client.segment_volume(volume))
+                paired = paired_medians({
+                    "served": lambda: client.segment_volume(volume),
+                    "in_process": lambda: in_process_labels(volume, session, contract, max_slice=512)}, args.repeats)
+                print(f"{'paired':>20}: {paired}", flush=True)
             # Memory is sampled from here on, not while the served path is timed: sampling costs CPU.
             with PeakRss(server.pid) as server_rss:
                 throughput = {str(n): round(scans_per_minute(url, volume, n, 2), 2) for n in args.clients}
@@ -304,8 +323,16 @@ def main() -> None:
         cli_repository = args.cli_repository if (args.cli_repository / "segment").is_dir() else work / "repository"
         server, url, _ = start_serve(cli_repository, log_dir=work / "logs_cli")
         try:
+            cli_network = cli_repository / "unet" / "1"
+            cli_session, cli_contract = create_session(cli_network / "model.onnx", device="auto"), ModelContract.load(
+                cli_network)
             with SegmentationClient(url) as client:
                 measure("served_cli_model", lambda: client.segment_volume(volume))
+                paired_cli_model = paired_medians({
+                    "served": lambda: client.segment_volume(volume),
+                    "in_process": lambda: in_process_labels(volume, cli_session, cli_contract, max_slice=512)},
+                    args.repeats)
+                print(f"{'paired (CLI model)':>20}: {paired_cli_model}", flush=True)
             cli_runs = [cli_segment(scan_path, work / "labels.nii.gz", url) for _ in range(args.repeats + 1)][1:]
             foreground = float(np.mean(np.asarray(read_scan(work / "labels.nii.gz").voxels) > 0))
         finally:
@@ -331,7 +358,10 @@ def main() -> None:
         "speedup_vs_monai_torchscript": round(seconds["monai_torchscript"] / seconds["served"], 2),
         "speedup_vs_monai_torchscript_bf16": round(seconds["monai_torchscript_bf16"] / seconds["served"], 2),
         "engine_speedup_in_process": round(seconds["in_process_onnxruntime"] / seconds["in_process"], 2),
-        "overhead_vs_inprocess": round(seconds["served"] / seconds["in_process"], 3),
+        "overhead_vs_inprocess": round(paired["served"] / paired["in_process"], 3),
+        "paired_seconds": {name: round(value, 3) for name, value in paired.items()},
+        "overhead_vs_inprocess_cli_model": round(paired_cli_model["served"] / paired_cli_model["in_process"], 3),
+        "paired_seconds_cli_model": {name: round(value, 3) for name, value in paired_cli_model.items()},
         "whole_slice_speedup_in_process": round(seconds["in_process_tiled"] / seconds["in_process"], 2),
         "cli_end_to_end_seconds": round(cli_seconds, 2),
         "client_seconds": round(cli_seconds - seconds["served_cli_model"], 2),
