@@ -200,7 +200,7 @@ def test_organ_core_is_left_out_where_the_crop_cuts_the_side_it_depends_on():
 
 
 def phantom_box_crops(shape: tuple[int, int, int], spacing_mm: float, crop: int, n_cases: int = 12,
-                      n_crops: int = 600, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+                      n_crops: int = 400, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """(box masks [2, h, w] bool, labels [h, w]) of training crops (the trainer's sampler and augmentation) of
     generated phantoms, with boxes derived from their masks; crops without an organ box are left out."""
     from mixsup.resample import inplane_shape, resample_inplane

@@ -165,7 +165,7 @@ class SliceSampler:
     volumes: list[Volume]
     crop: int
     context_slices: int = 3
-    foreground_fraction: float = 0.5
+    foreground_fraction: float = 0.8
     lesion_fraction: float = 1.0 / 3.0
     augmentation: Augmentation = field(default_factory=Augmentation)
 
