@@ -117,9 +117,11 @@ def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MA
     return postprocess_labels(labels) if postprocess else labels
 
 
-def own_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int, int]) -> list[tuple[Path, Path]]:
+def own_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int, int],
+                 style: str = "classic") -> list[tuple[Path, Path]]:
+    """``count`` phantoms of the project's generator in ``style`` (``mixsup-data phantoms``) as NIfTI pairs."""
     subprocess.run([str(BIN / "mixsup-data"), "phantoms", str(folder), "--n", str(count), "--seed", str(seed),
-                    "--shape", *map(str, shape)], check=True, stdout=subprocess.DEVNULL)
+                    "--shape", *map(str, shape), "--style", style], check=True, stdout=subprocess.DEVNULL)
     return [(folder / f"volume-{i}.nii.gz", folder / f"segmentation-{i}.nii.gz") for i in range(count)]
 
 

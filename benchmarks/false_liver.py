@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,24 +26,15 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from evaluate_served_model import labels_in_process  # noqa: E402
+from evaluate_served_model import labels_in_process, own_phantoms  # noqa: E402
 from measure import print_and_write  # noqa: E402
 
 from mixsup.readers import read_scan  # noqa: E402
 
-BIN = Path(sys.executable).parent
 #: Seeds of the selection set; training runs use seed 1 (cases 1000+), evaluation 90210.
 SEEDS = {"classic": 7000, "randomized": 7100}
 #: Edges (mm) of the z-distance bins of false liver on liver-free slices.
 Z_BINS_MM = (0, 5, 10, 20, 30, 50)
-
-
-def selection_cases(folder: Path, style: str, count: int, shape: tuple[int, int, int]) -> list[tuple[Path, Path]]:
-    """``count`` phantoms of the training generator's ``style`` at the selection seed, as NIfTI pairs."""
-    subprocess.run([str(BIN / "mixsup-data"), "phantoms", str(folder), "--n", str(count), "--seed",
-                    str(SEEDS[style]), "--shape", *map(str, shape), "--style", style, "-q"],
-                   check=True, stdout=subprocess.DEVNULL)
-    return [(folder / f"volume-{i}.nii.gz", folder / f"segmentation-{i}.nii.gz") for i in range(count)]
 
 
 def liver_errors(predicted: np.ndarray, truth: np.ndarray, slice_mm: float) -> dict[str, np.ndarray | int]:
@@ -94,7 +84,7 @@ def main() -> None:
     shape = (40, 256, 256)
     results: dict = {"cases_per_style": args.cases, "seeds": SEEDS, "shape": list(shape)}
     with tempfile.TemporaryDirectory() as tmp:
-        sets = {style: selection_cases(Path(tmp) / style, style, args.cases, shape) for style in SEEDS}
+        sets = {style: own_phantoms(Path(tmp) / style, args.cases, seed, shape, style) for style, seed in SEEDS.items()}
         for named in args.networks:
             name, _, path = named.rpartition("=")
             results[name or path] = {style: score(Path(path), cases, args.device) for style, cases in sets.items()}

@@ -208,6 +208,13 @@ def paired_medians(functions: dict[str, Callable[[], Any]], rounds: int) -> dict
     return {name: float(np.median(values)) for name, values in runs.items()}
 
 
+def served_against_in_process(client: SegmentationClient, volume: np.ndarray, session, contract: ModelContract,
+                              rounds: int) -> dict[str, float]:
+    """:func:`paired_medians` of the served request and the same network's whole-slice plan in process."""
+    return paired_medians({"served": lambda: client.segment_volume(volume),
+                           "in_process": lambda: in_process_labels(volume, session, contract, max_slice=512)}, rounds)
+
+
 def cli_segment(scan: Path, out: Path, url: str) -> tuple[float, float]:
     """Seconds and peak RSS (MB) of one ``mixsup-client segment`` process."""
     started = time.perf_counter()
@@ -307,9 +314,7 @@ def main() -> None:
         try:
             with SegmentationClient(url) as client:
                 measure("served", lambda: client.segment_volume(volume))
-                paired = paired_medians({
-                    "served": lambda: client.segment_volume(volume),
-                    "in_process": lambda: in_process_labels(volume, session, contract, max_slice=512)}, args.repeats)
+                paired = served_against_in_process(client, volume, session, contract, args.repeats)
                 print(f"{'paired':>20}: {paired}", flush=True)
             # Memory is sampled from here on, not while the served path is timed: sampling costs CPU.
             with PeakRss(server.pid) as server_rss:
@@ -328,10 +333,7 @@ def main() -> None:
                 cli_network)
             with SegmentationClient(url) as client:
                 measure("served_cli_model", lambda: client.segment_volume(volume))
-                paired_cli_model = paired_medians({
-                    "served": lambda: client.segment_volume(volume),
-                    "in_process": lambda: in_process_labels(volume, cli_session, cli_contract, max_slice=512)},
-                    args.repeats)
+                paired_cli_model = served_against_in_process(client, volume, cli_session, cli_contract, args.repeats)
                 print(f"{'paired (CLI model)':>20}: {paired_cli_model}", flush=True)
             cli_runs = [cli_segment(scan_path, work / "labels.nii.gz", url) for _ in range(args.repeats + 1)][1:]
             foreground = float(np.mean(np.asarray(read_scan(work / "labels.nii.gz").voxels) > 0))

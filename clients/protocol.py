@@ -28,7 +28,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from mixsup.contract import ModelContract
+from mixsup.contract import PROBABILITIES_PARAMETER, ModelContract
 from mixsup.errors import InputError, MixsupError, ServerUnavailable
 from mixsup.scan import to_int16_hu
 
@@ -44,10 +44,6 @@ INPUT_NAME = "volume"
 LABELS_OUTPUT = "labels"
 PROBABILITIES_OUTPUT = "probabilities"
 CONTRACT_PARAMETER = "contract"
-#: Request parameter that asks the ensemble's fuse step for the probabilities (TRITON.md): Triton requests every
-#: output of an ensemble step whatever the client asked for, so without it the step would copy out 2 bytes per
-#: voxel and class that are thrown away.
-PROBABILITIES_PARAMETER = "probabilities"
 
 ORGAN_LABEL = 1
 LESION_LABEL = 2

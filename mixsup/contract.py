@@ -26,6 +26,10 @@ from typing import Union
 from mixsup.errors import InputError
 
 CONTRACT_FILENAME = "contract.json"
+#: Request parameter of the ``segment`` ensemble that asks for the probabilities (TRITON.md). Triton requests every
+#: output of an ensemble step whatever the client asked for, so the steps that can end the ensemble (a lone window,
+#: a fuse step) go by this parameter and copy out no probabilities that would be dropped.
+PROBABILITIES_PARAMETER = "probabilities"
 FORMAT_VERSION = 1
 
 SEGMENTATION, DETECTION, CONFIDENCE, ANNOTATOR = "segmentation", "detection", "confidence", "annotator"

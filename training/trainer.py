@@ -440,7 +440,7 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                 schedulers[name].load_state_dict(resumed["schedulers"][name])
         sizes = {kind: n for kind, n in recipe.batch_sizes(stage, config).items() if volumes_by_kind.get(kind)}
         samplers = {kind: SliceSampler(volumes_by_kind[kind], crop=config.crop, augmentation=Augmentation(),
-                                             foreground_fraction=config.foreground_fraction)
+                                           foreground_fraction=config.foreground_fraction)
                     for kind in sizes}
         validator = recipe.validation_network(stage, modules)
 

@@ -12,17 +12,11 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mixsup.contract import ModelContract
+from mixsup.contract import PROBABILITIES_PARAMETER, ModelContract
 from mixsup.errors import MixsupError
 
 if TYPE_CHECKING:
     import onnxruntime as ort
-
-
-#: Request parameter that asks for the probabilities of a ``segment`` request (TRITON.md). Triton requests every
-#: output of an ensemble step whatever the client asked for, so the steps that can end the ensemble (a lone
-#: window, a fuse step) go by this instead and copy out no 2 bytes per voxel and class that would be dropped.
-PROBABILITIES_PARAMETER = "probabilities"
 
 
 def asks_for_probabilities(parameters_json: str) -> bool:

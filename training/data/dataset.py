@@ -157,9 +157,8 @@ class SliceSampler:
     ``lesion_fraction`` of the crops are centred near a lesion pixel (mask, or lesion box of a weak case) of a
     volume that has one: lesions are a small share of the voxels and would otherwise be seen rarely (nnU-Net
     forces a third of its crops onto foreground for the same reason). Of the rest, ``foreground_fraction`` are
-    centred near any marked pixel (organ, lesion or box), the others anywhere: those are the only crops of slices
-    without the organ, where a model that rarely sees them marks liver-like tissue as liver. One random geometry
-    is applied to the image, labels, box masks and soft labels alike.
+    centred near any marked pixel (organ, lesion or box), the others anywhere (the only crops of slices without
+    the organ). One random geometry is applied to the image, labels, box masks and soft labels alike.
     """
 
     volumes: list[Volume]
