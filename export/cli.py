@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model-grid slices up to this size a side (after padding) are run whole, larger ones in "
                              f"tiles of --patch-size; 0: always tiles (default {DEFAULT_MAX_SLICE})")
     parser.add_argument("--opset", type=int, default=17)
-    parser.add_argument("--instances", type=int, default=1, help="Triton instances of the network model")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="Triton instances of the network model (and of its window step, which runs a "
+                             "python-runtime network in its own process)")
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="where the python backend runs the ONNX models: auto (a GPU, else OpenVINO -- bfloat16 "
                              "on CPUs with AMX -- where installed, else ONNX Runtime), cpu (ONNX Runtime float32, "

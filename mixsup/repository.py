@@ -386,7 +386,6 @@ def write_network(
     batch_size: int = 8,
     sigma_scale: float = 0.125,
     intra_op_threads: int = 0,
-    window_instance_count: int = 1,
     max_slice: int = DEFAULT_MAX_SLICE,
 ) -> Path:
     """Write the network entry ``name`` (``model_path`` run by ``runtime``) and its sliding-window entry
@@ -394,6 +393,8 @@ def write_network(
 
     The window step sends whole slices, padded to the contract's ``size_divisor``, when they fit ``max_slice``
     pixels a side (0: never), and tiles of the contract's ``patch_size`` beyond (:mod:`mixsup.serving.tiling`).
+    It runs a ``python``-runtime network in its own process, with ``instance_count`` instances of its own, and
+    calls a native runtime's network over BLS (:mod:`mixsup.serving.triton.window`).
     ``model_path`` is an ONNX file for the ``python`` and ``onnxruntime`` runtimes, a serialized TensorRT engine
     for ``tensorrt_plan`` and a TorchScript file for ``pytorch_libtorch``. ``batch_size`` tiles go to the network
     per request, so it must not exceed ``max_batch_size``. An existing entry of that name is an InputError unless
@@ -435,12 +436,15 @@ def write_network(
 
     (window_dir / VERSION).mkdir(parents=True)
     write_adapter(window_dir / VERSION, "sliding-window", "mixsup.serving.triton.window")
+    in_step = runtime == PYTHON
     write_config(window_dir / "config.pbtxt", python_model_config(
         window_name(name),
         max_batch_size=0,
         inputs=[(VOLUME_INPUT, "TYPE_INT16", [-1, -1, -1])],
         outputs=[(NETWORK_OUTPUT, "TYPE_FP16", [-1, -1, -1, -1]), (LABELS_OUTPUT, "TYPE_UINT8", [-1, -1, -1])],
-        instance_count=window_instance_count,
+        # In step the window's instances are the ones that run the network; over BLS one (async) instance only
+        # coordinates and the network's instances work.
+        instance_count=instance_count if in_step else 1,
         parameters={
             "NETWORK": name,
             "ROI": ",".join(str(n) for n in contract.patch_size),
@@ -451,6 +455,9 @@ def write_network(
             "CONTEXT_SLICES": contract.context_slices,
             "MAX_SLICE": max_slice,
             "SIZE_DIVISOR": contract.size_divisor,
+            # The window step runs a python-runtime network in its own process, sparing every batch two copies
+            # through Triton (mixsup.serving.triton.window); a native runtime's network it calls over BLS.
+            "NETWORK_IN_STEP": str(in_step).lower(),
         },
     ))
     return network_dir

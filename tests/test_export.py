@@ -18,6 +18,7 @@ from mixsup.export.cli import main as export_main
 from mixsup.export.onnx_export import onnx_probabilities, torch_probabilities
 from mixsup.export.tensorrt_export import tensorrt_unavailable_reason
 from mixsup.export.torchscript_export import torchscript_probabilities
+from mixsup.repository import write_config
 from mixsup.serving.runtime import create_session
 from mixsup.serving.tiling import predict_volume_probabilities
 from mixsup.training.trainer import load_checkpoint, network_from_checkpoint
@@ -249,11 +250,15 @@ def test_meaningless_flags_exit_2(tiny_checkpoint, tmp_path, capsys, flags):
 def test_python_backend_configs_load_and_answer_in_triton(tiny_checkpoint, network, tmp_path):
     """The configs that run here (ONNX Runtime in the python backend, fp32 and fp16) load in the real Triton,
     answer on the network models directly and through the ensemble over both. ``--device cpu``: the answers
-    are compared with ONNX Runtime's float32 in process."""
+    are compared with ONNX Runtime's float32 in process. One window step runs its network in its own process
+    (what export writes), the other calls it over BLS (what a native runtime's network gets)."""
     repository = tmp_path / "repo"
     for name, precision in [("full", "fp32"), ("half", "fp16")]:
         assert export_main([str(tiny_checkpoint), "--repository", str(repository), "--name", name,
                             "--precision", precision, "--member", "segment", "--device", "cpu"]) == 0
+    over_bls = read_config(repository / "half_window" / "config.pbtxt")
+    over_bls.parameters["NETWORK_IN_STEP"].string_value = "false"
+    write_config(repository / "half_window" / "config.pbtxt", over_bls)
     tiles = raw_hu(8, [(3, 48, 48)])[0]
     volume = np.random.default_rng(9).integers(-300, 400, size=(4, 40, 56)).astype(np.int16)
     process, grpc_url, _ = start_serve(repository, log_dir=tmp_path / "logs")
@@ -268,6 +273,8 @@ def test_python_backend_configs_load_and_answer_in_triton(tiny_checkpoint, netwo
             labels, probabilities = segmenter.segment_volume(volume, want_probabilities=True)
     finally:
         assert stop_serve(process) == 0
+    log = "\n".join(path.read_text(errors="replace") for path in (tmp_path / "logs").iterdir())
+    assert "full_window: full runs in this step" in log and "half_window: half runs" not in log
     expected = torch_probabilities(network, tiles)
     assert np.abs(served["full"] - expected).max() <= 1e-4
     assert np.abs(served["half"] - expected).max() <= 1e-2

@@ -83,6 +83,9 @@ def test_window_entry(tmp_path, onnx_file, contract):
     assert params["NETWORK"] == "student" and params["ROI"] == "32,48"
     assert (float(params["OVERLAP"]), int(params["BATCH_SIZE"]), float(params["SIGMA_SCALE"])) == (0.5, 4, 0.25)
     assert (int(params["NUM_CLASSES"]), int(params["CONTEXT_SLICES"])) == (3, 3)
+    assert params["NETWORK_IN_STEP"] == "true"  # a python-runtime network runs in the window step's process
+    write_network(tmp_path, "busy", onnx_file, contract, instance_count=3)
+    assert read_config(tmp_path / "busy_window" / "config.pbtxt").instance_group[0].count == 3
 
 
 def test_external_onnx_data_is_copied(tmp_path):
@@ -252,8 +255,12 @@ def test_native_runtime_configs(tmp_path, model_files, contract):
         assert sorted(p.name for p in version.iterdir()) == sorted(["contract.json", filename])  # no model.py
         assert (version / filename).read_bytes() == model_files[ONNXRUNTIME if name == "ort_trt" else name].read_bytes()
         assert not config.optimization.execution_accelerators.gpu_execution_accelerator or name == "ort_trt"
-    # the window step calls every runtime the same way
-    assert parameters(read_config(tmp_path / "pytorch_libtorch_window" / "config.pbtxt"))["NETWORK"] == LIBTORCH
+    # the window step calls every native runtime the same way: over BLS
+    for name in expected:
+        window = parameters(read_config(tmp_path / f"{name}_window" / "config.pbtxt"))
+        assert (window["NETWORK"], window["NETWORK_IN_STEP"]) == (name, "false")
+    write_network(tmp_path, "busy", model_files[ONNXRUNTIME], contract, runtime=ONNXRUNTIME, instance_count=3)
+    assert read_config(tmp_path / "busy_window" / "config.pbtxt").instance_group[0].count == 1
 
 
 def test_tensorrt_accelerator_parameters(tmp_path, model_files, contract):

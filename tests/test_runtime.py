@@ -5,7 +5,9 @@ import onnxruntime as ort
 import pytest
 from triton_utils import pixel_network_reference, write_pixel_network
 
+from mixsup.contract import ModelContract
 from mixsup.errors import InputError
+from mixsup.repository import ONNXRUNTIME, write_network
 from mixsup.serving.runtime import (
     CPU,
     CUDA,
@@ -18,8 +20,11 @@ from mixsup.serving.runtime import (
     uses_openvino,
 )
 from mixsup.serving.triton.common import (
+    NetworkRunner,
     model_parameters,
+    network_beside,
     one_line,
+    open_session,
     parse_ints,
     predict_grouped,
 )
@@ -157,9 +162,38 @@ def test_adapter_helpers():
     assert one_line(ValueError("bad\nmore")) == "ValueError: bad"
 
 
+def test_window_step_finds_the_python_network_beside_it_with_that_models_settings(pixel_net, tmp_path):
+    """The window step runs its network in its own process only where the repository holds that network as a
+    python-backend ONNX model, opened with that model's parameters at the version Triton serves (the highest);
+    a network of a native runtime, or one not beside the window (a localized cloud repository), is None."""
+    path, weight, bias = pixel_net
+    repo = tmp_path / "repo"
+    contract = ModelContract(patch_size=(8, 8))
+    write_network(repo, "own", path, contract, device="cpu", intra_op_threads=1)
+    write_network(repo, "native", path, contract, runtime=ONNXRUNTIME)
+    assert network_beside(repo / "native_window", "native") is None
+    assert network_beside(tmp_path / "elsewhere" / "own_window", "own") is None
+    version_dir, parameters = network_beside(repo / "own_window", "own")
+    assert version_dir == repo / "own" / "1"
+    assert (parameters["DEVICE"], parameters["INTRA_OP_THREADS"]) == ("cpu", "1")
+    (repo / "own" / "2").mkdir()
+    (repo / "own" / "2" / "model.onnx").write_bytes(path.read_bytes())
+    (repo / "own" / "3").mkdir()  # a version without a model is not one Triton serves
+    assert network_beside(repo / "own_window", "own")[0] == repo / "own" / "2"
+
+    run = NetworkRunner(ModelContract.load(version_dir), open_session(version_dir, parameters))
+    assert run.session.get_providers() == [CPU]
+    run.warm_up()
+    stacks = np.random.default_rng(1).uniform(-200, 250, (2, 3, 8, 8))
+    probabilities = run(stacks)
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, pixel_network_reference(stacks, weight, bias), atol=1e-5)
+
+
 def test_serving_code_never_imports_torch():
     """What runs inside Triton's python backend (or launches it) must not need torch or tritonclient there.
-    mixsup.repository is export-side (it builds configs with tritonclient's ModelConfig) and is not listed."""
+    mixsup.repository is export-side (it builds configs with tritonclient's ModelConfig) and is not listed; a window
+    step that runs its network in step reads that network's config with it, at load, not at import."""
     import subprocess
     import sys
 

@@ -1,8 +1,8 @@
 """What the python-backend adapters share, kept free of ``triton_python_backend_utils`` so it is testable.
 
-Reading a model's ``parameters``, opening a model version's contract and ONNX Runtime session, turning exceptions
-into the one-line message of an error response, and running the requests of one dynamic batch as a single network
-call.
+Reading a model's ``parameters``, opening a model version's contract and ONNX Runtime session (also a network's from
+its window step), turning exceptions into the one-line message of an error response, and running the requests of
+one dynamic batch as a single network call.
 """
 from __future__ import annotations
 
@@ -31,25 +31,70 @@ def model_parameters(model_config: Mapping) -> dict[str, str]:
 
 def load_onnx_model(args: Mapping) -> tuple[ModelContract, ort.InferenceSession]:
     """The contract and inference session (ONNX Runtime or OpenVINO) of the ``model.onnx`` version Triton's
-    ``initialize`` ``args`` name.
+    ``initialize`` ``args`` name, set up by the model's parameters (:func:`open_session`)."""
+    version_dir = Path(args["model_repository"]) / args["model_version"]
+    parameters = model_parameters(json.loads(args["model_config"]))
+    return ModelContract.load(version_dir), open_session(version_dir, parameters)
+
+
+def open_session(version_dir: Path, parameters: Mapping[str, str]) -> ort.InferenceSession:
+    """The inference session of ``version_dir/model.onnx``.
 
     Parameters: DEVICE (auto|cpu|cuda|tensorrt|openvino; see mixsup.serving.runtime), INTRA_OP_THREADS (0 = the
     engine's default), TRT_CACHE_DIR (default: ``trt_cache`` beside the model), FP16 (TensorRT only).
     """
-    # Imported here: the adapters that run no ONNX model (fuse, window) do not load onnxruntime.
+    # Imported here: the adapters that run no ONNX model (fuse) do not load onnxruntime.
     from mixsup.serving.runtime import create_session
 
-    parameters = model_parameters(json.loads(args["model_config"]))
-    version_dir = Path(args["model_repository"]) / args["model_version"]
-    contract = ModelContract.load(version_dir)
-    session = create_session(
+    return create_session(
         version_dir / "model.onnx",
         device=parameters.get("DEVICE") or "auto",
         intra_op_threads=int(parameters.get("INTRA_OP_THREADS") or 0),
         trt_cache_dir=parameters.get("TRT_CACHE_DIR") or version_dir / "trt_cache",
         fp16=parse_bool(parameters.get("FP16", "")),
     )
-    return contract, session
+
+
+def network_beside(window_dir: Path, network: str) -> tuple[Path, dict[str, str]] | None:
+    """Where the network model ``network`` of the window step in ``window_dir`` keeps its ``model.onnx`` (the
+    version Triton serves: the highest) and its parameters, when this process can run it as that model does: a
+    python-backend model in the same repository folder. None for a network that another backend serves (native
+    ONNX Runtime, TensorRT, LibTorch) or that is not beside the window step (Triton copies models of a cloud
+    repository to separate local folders)."""
+    from mixsup.repository import read_config  # imports Triton's config schema: only where it is read
+
+    network_dir = Path(window_dir).parent / network
+    if not (network_dir / "config.pbtxt").is_file():
+        return None
+    config = read_config(network_dir / "config.pbtxt")
+    versions = [int(path.name) for path in network_dir.iterdir()
+                if path.name.isdigit() and (path / "model.onnx").is_file()]
+    if config.backend != "python" or not versions:
+        return None
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    return network_dir / str(max(versions)), parameters
+
+
+class NetworkRunner:
+    """A 2.5D network's session as one call: float32 raw-HU batches [N, context_slices, h, w] -> float32
+    probabilities [N, C, h, w] (the output the contract names, else the graph's first)."""
+
+    def __init__(self, contract: ModelContract, session: ort.InferenceSession) -> None:
+        self.contract = contract
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        outputs = [output.name for output in session.get_outputs()]
+        self.output_name = contract.output_name if contract.output_name in outputs else outputs[0]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        (probs,) = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        return np.ascontiguousarray(probs, dtype=np.float32)
+
+    def warm_up(self) -> None:
+        """One run on a patch of zeros. Called at load, before Triton reports the model ready: ONNX Runtime's first
+        run allocates its arenas and plans the graph (with TensorRT it builds the engine, minutes), which would
+        otherwise land on the first user's request."""
+        self(np.zeros((1, self.contract.context_slices, *self.contract.patch_size), np.float32))
 
 
 def required_parameter(parameters: Mapping[str, str], key: str) -> str:
