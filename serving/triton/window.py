@@ -10,7 +10,7 @@ Where the network runs: with NETWORK_IN_STEP true and the network a python-backe
 (:func:`~mixsup.serving.triton.common.network_beside`), this step opens the network's ``model.onnx`` itself, with
 that model's parameters, and runs it in its own process. Over BLS every batch is copied into Triton and on to the
 network's process, and its probabilities back the same way; on a 512x512x100 scan that made the served request
-1.13-1.25x the in-process path, against 1.03x in step (``benchmarks/serving.py``). Otherwise (a network served
+1.13-1.25x the in-process path, in step 0.95-1.04x (``benchmarks/serving.py``). Otherwise (a network served
 by a native backend, or NETWORK_IN_STEP false) the batches go to the network model over BLS, two in flight, so
 the next batch is built (and the previous one placed) while the network works.
 
