@@ -36,6 +36,7 @@ from mixsup.training.data.dataset import (
     load_volume,
 )
 from mixsup.training.data.manifest import Manifest, find_mask, load_case
+from mixsup.training.precision import autocast, prepare_modules, resolve_precision
 from mixsup.training.recipes.base import STRONG, Recipe
 
 CHECKPOINT_FORMAT = "mixsup-checkpoint"
@@ -65,6 +66,9 @@ class TrainConfig:
     validation_cases: int = 2
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    #: auto | fp32 | bf16: bfloat16 autocast of the training steps, float32 weights and losses
+    #: (mixsup.training.precision); auto takes bf16 where the device computes it natively. Validation runs float32.
+    precision: str = "auto"
     #: The recipe's own hyperparameters (its ``DEFAULTS`` overridden by the user).
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -395,6 +399,7 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
     if resume is not None and init_from is not None:
         raise InputError("--resume and --init-from exclude each other: resume continues a run, init-from starts one")
     parallel = init_distributed()
+    precision = resolve_precision(config.precision, parallel.device)
     out.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -413,7 +418,9 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
     validation: list[Volume] = [to_volume(c) for c in validation_cases]
     attach_soft_labels(volumes_by_kind, out)
 
-    modules = recipe.build(config).to(parallel.device)
+    modules = prepare_modules(recipe.build(config), precision).to(parallel.device)
+    if parallel.is_main:
+        print(f"training steps in {precision} (precision {config.precision!r})", flush=True)
     wrapped = distribute(modules, parallel)
     segmentation = recipe.segmentation_network(modules)
     contract = ModelContract(patch_size=(config.patch_size, config.patch_size), spacing_mm=config.spacing_mm,
@@ -453,7 +460,10 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                          disable=not (progress and parallel.is_main), leave=False)
             for _ in steps:
                 batches = {kind: samplers[kind].batch(rng, n).to(parallel.device) for kind, n in sizes.items()}
-                losses.append(recipe.train_step(stage, wrapped, batches, optimizers, config))
+                # The whole step in autocast, backward and update included: the recipes own their steps, and
+                # autocast only changes the ops of the forward pass (backward follows the forward's dtypes).
+                with autocast(precision, parallel.device):
+                    losses.append(recipe.train_step(stage, wrapped, batches, optimizers, config))
                 for scheduler in schedulers.values():
                     scheduler.step()
                 steps.set_postfix(loss=f"{np.mean([l['loss'] for l in losses[-20:]]):.3f}")
@@ -490,7 +500,7 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                     "best_score": max(state["best_score"], score) if last_stage else state["best_score"],
                     "history": state["history"], "contract": contract.to_dict(),
                     "manifest_sha256": manifest.sha256(), "validation_cases": [c.case for c in validation_cases],
-                    "world_size": parallel.world_size,
+                    "world_size": parallel.world_size, "precision": precision,
                     "initialized_from": None if init_from is None else str(init_from),
                 }
                 save_checkpoint(out / "last.pt", payload)
