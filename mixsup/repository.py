@@ -6,7 +6,8 @@ Layout written here (DESIGN.md, "Triton model repository")::
     NAME/1/model.onnx           (or model.pt / model.plan; + any external-data files an ONNX model references)
     NAME/1/contract.json
     NAME/1/model.py             python runtime only: thin adapter -> mixsup.serving.triton.network
-    NAME_window/config.pbtxt    python backend: whole volume -> tiles -> NAME (BLS) -> Gaussian blend -> labels
+    NAME_window/config.pbtxt    python backend: whole volume -> slices or tiles -> NAME's model (in this step's
+                                process for the python runtime, else NAME over BLS) -> blend -> labels
     NAME_window/1/model.py      thin adapter -> mixsup.serving.triton.window
     fuse/...                    python backend: weighted mean of the members -> labels
     segment/config.pbtxt        ensemble: volume -> every NAME_window in parallel -> fuse
@@ -27,7 +28,8 @@ them too, for clients, and is where a lone member's weight, which changes nothin
 Network runtimes (:data:`RUNTIMES`): ``python`` (ONNX Runtime inside Triton's python backend, the default and the
 one the ``nvidia-pytriton`` server runs), ``onnxruntime`` (Triton's native ``onnxruntime_onnx`` platform, optionally
 with the TensorRT execution accelerator), ``tensorrt_plan`` and ``pytorch_libtorch``; the last three need an NGC
-Triton container that has those backends. The sliding-window step talks to any of them the same way.
+Triton container that has those backends. The sliding-window step runs a ``python``-runtime network's
+``model.onnx`` in its own process and calls the native runtimes' networks over BLS.
 
 Configs are ``ModelConfig`` protobufs (Triton's own schema, from ``tritonclient``) written in protobuf text format
 by ``google.protobuf.text_format``, never string templates; :func:`write_config` parses every file back before

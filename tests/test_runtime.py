@@ -176,6 +176,8 @@ def test_window_step_finds_the_python_network_beside_it_with_that_models_setting
     version_dir, parameters = network_beside(repo / "own_window", "own")
     assert version_dir == repo / "own" / "1"
     assert (parameters["DEVICE"], parameters["INTRA_OP_THREADS"]) == ("cpu", "1")
+    # its own TensorRT engine cache: the network model builds the same engine at the same time
+    assert parameters["TRT_CACHE_DIR"] == str(version_dir / "trt_cache" / "window")
     (repo / "own" / "2").mkdir()
     (repo / "own" / "2" / "model.onnx").write_bytes(path.read_bytes())
     (repo / "own" / "3").mkdir()  # a version without a model is not one Triton serves

@@ -57,10 +57,14 @@ def open_session(version_dir: Path, parameters: Mapping[str, str]) -> ort.Infere
 
 def network_beside(window_dir: Path, network: str) -> tuple[Path, dict[str, str]] | None:
     """Where the network model ``network`` of the window step in ``window_dir`` keeps its ``model.onnx`` (the
-    version Triton serves: the highest) and its parameters, when this process can run it as that model does: a
-    python-backend model in the same repository folder. None for a network that another backend serves (native
-    ONNX Runtime, TensorRT, LibTorch) or that is not beside the window step (Triton copies models of a cloud
-    repository to separate local folders)."""
+    version Triton serves: the highest) and the parameters to open it with, when this process can run it as that
+    model does: a python-backend model in the same repository folder. None for a network that another backend
+    serves (native ONNX Runtime, TensorRT, LibTorch) or that is not beside the window step (Triton copies models
+    of a cloud repository to separate local folders).
+
+    The parameters are the network model's, but for a TensorRT engine cache of its own (``window/`` inside the
+    network's): both processes build their engine while Triton loads them, and would write the same files.
+    """
     from mixsup.repository import read_config  # imports Triton's config schema: only where it is read
 
     network_dir = Path(window_dir).parent / network
@@ -71,8 +75,10 @@ def network_beside(window_dir: Path, network: str) -> tuple[Path, dict[str, str]
                 if path.name.isdigit() and (path / "model.onnx").is_file()]
     if config.backend != "python" or not versions:
         return None
+    version_dir = network_dir / str(max(versions))
     parameters = {key: value.string_value for key, value in config.parameters.items()}
-    return network_dir / str(max(versions)), parameters
+    parameters["TRT_CACHE_DIR"] = str(Path(parameters.get("TRT_CACHE_DIR") or version_dir / "trt_cache") / "window")
+    return version_dir, parameters
 
 
 class NetworkRunner:
