@@ -84,8 +84,8 @@ class Preset:
 PRESETS = {
     # 2 cores: two single-threaded runs side by side. 24x128x128 phantoms hold a whole abdomen at 1.2-4 mm; the
     # nets train at 2.4 mm on 64 px crops, 15 epochs of 60 steps: 1.5x the float32 schedule in the same hour,
-    # bfloat16 steps (TrainConfig.precision auto) taking about half the time (20 epochs: ~70 min, measured, with
-    # the evaluation threads beside the two runs). 16 base channels, not fewer: at 8 a U-Net
+    # bfloat16 steps (TrainConfig.precision auto) taking about half the time; 20 epochs would take ~70 min (from
+    # its first 14 runs, with the evaluation threads beside the two runs). 16 base channels, not fewer: at 8 a U-Net
     # never predicted a lesion on validation in 1,400 steps, at 16 it did within 400 (measured on seed 0's
     # strong-only split). MSDN's detection towers are 16 wide (the paper's 256 would cost ~10x a U-Net step).
     "cpu": Preset(pool=30, test=20, foreign=10, independent=20, shape=(24, 128, 128), jobs=2,
