@@ -191,12 +191,16 @@ def write_scans(folder: Path, count: int) -> dict[str, np.ndarray]:
     return {f"s{i:02d}": scan_at(folder / f"s{i:02d}.nii.gz", shape=(48, 40, 8), seed=i) for i in range(count)}
 
 
+#: Scans in a batch that a test kills the server under: enough that the batch is still running when the kill
+#: lands. With the network in the window step's process a scan of write_scans' size takes ~20 ms, and batches of
+#: 16 and of 10 were done before it (measured).
+MID_RUN_SCANS = 200
+
+
 def test_a_server_killed_and_restarted_mid_run(tmp_path, pixel_repository):
     ports = triton_utils.free_ports(3)
     url = f"127.0.0.1:{ports[0]}"
-    # Enough scans that the batch is still running when the server dies: with the network in the window step's
-    # process a scan of this size takes ~20 ms, so 16 were all done before the kill landed (measured).
-    count = 200
+    count = MID_RUN_SCANS
     voxels = write_scans(tmp_path / "scans", count)
     out_dir = tmp_path / "out"
     server = serve_on(pixel_repository, ports, tmp_path / "logs-1")
@@ -235,7 +239,7 @@ def test_a_server_killed_and_restarted_mid_run(tmp_path, pixel_repository):
 def test_a_server_gone_for_good(tmp_path, pixel_repository):
     ports = triton_utils.free_ports(3)
     url = f"127.0.0.1:{ports[0]}"
-    write_scans(tmp_path / "scans", 10)
+    write_scans(tmp_path / "scans", MID_RUN_SCANS)
     out_dir = tmp_path / "out"
     server = serve_on(pixel_repository, ports, tmp_path / "logs")
     try:
@@ -251,7 +255,7 @@ def test_a_server_gone_for_good(tmp_path, pixel_repository):
     assert batch.returncode == 3, err
     rows = summary_rows(out_dir)
     statuses = [row["status"] for row in rows.values()]
-    assert len(rows) == 10 and statuses.count("ok") >= 1 and "server_unavailable" in statuses
+    assert len(rows) == MID_RUN_SCANS and statuses.count("ok") >= 1 and "server_unavailable" in statuses
     assert set(statuses) <= {"ok", "server_unavailable"}
     unavailable = [line for line in err.splitlines() if ": server_unavailable: " in line]
     assert len(unavailable) == statuses.count("server_unavailable") and "Traceback" not in err
