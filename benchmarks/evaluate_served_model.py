@@ -97,10 +97,10 @@ def network_session(network_dir: Path, device: str = "cpu"):
 
 
 def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MAX_SLICE,
-                      postprocess: bool = True, device: str = "cpu") -> np.ndarray:
+                      postprocess: bool = True, device: str = "cpu", body_window: bool = True) -> np.ndarray:
     """What ``mixsup-client segment`` writes for ``scan``, computed here: pre-processing to the model grid,
-    whole slices up to ``max_slice`` (0: tiles, 25% overlap, Gaussian), the network on ``device``, labels
-    restored, post-processed."""
+    whole slices up to ``max_slice`` (0: tiles, 25% overlap, Gaussian) of the window around the body (every pixel
+    with ``body_window`` false), the network on ``device``, labels restored, post-processed."""
     from mixsup.clients.pipeline import prepare_volume, restore_labels
     from mixsup.postprocess import postprocess_labels
     from mixsup.serving.fuse import fuse_probabilities
@@ -111,7 +111,7 @@ def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MA
     probabilities = predict_volume_probabilities(
         volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], contract.patch_size,
         overlap=0.25, batch_size=8, num_classes=contract.num_classes, max_slice=max_slice,
-        size_divisor=contract.size_divisor)
+        size_divisor=contract.size_divisor, **({} if body_window else {"body_margin": None}))
     labels, _ = fuse_probabilities([probabilities], [1.0])
     labels = restore_labels(labels, restore, contract.num_classes)
     return postprocess_labels(labels) if postprocess else labels

@@ -4,11 +4,12 @@ same Dice? And how much less time?
 The served window step runs whole model-grid slices when they fit (``MAX_SLICE``) instead of 160-pixel tiles
 with 25% overlap and Gaussian blending, and the network model runs on OpenVINO where it is installed (device
 ``auto``). This script segments the held-out phantoms of ``evaluate_served_model.py`` (same seeds, never trained
-on: own generator, foreign, independent) three ways -- whole slices and tiles on ONNX Runtime float32, whole
+on: own generator, foreign, independent) four ways -- whole slices and tiles on ONNX Runtime float32, whole
 slices on OpenVINO -- in process with the bundled network and the client's exact pipeline (pre-processing,
 labels restored to the scan's grid, post-processing), and reports global Dice for liver and lesion per set and
 way, their differences from whole slices on ONNX Runtime, and the seconds each way took. The issue's bar: the
-ways agree within 0.005.
+ways agree within 0.005. Every way but ``whole_slice_every_pixel`` runs only the window around the body
+(:func:`mixsup.serving.tiling.body_box`), as the server does; that way runs every pixel of each slice.
 
 Usage: python benchmarks/whole_slice_accuracy.py [--cases 10] [--out FILE.json]
 """
@@ -35,8 +36,9 @@ from mixsup.metrics import GlobalDice  # noqa: E402
 from mixsup.readers import read_scan  # noqa: E402
 from mixsup.scan import read_nifti  # noqa: E402
 
-#: (max_slice, device) of each way; the first is the reference the others are compared with.
-WAYS = {"whole_slice": (512, "cpu"), "tiled": (0, "cpu"), "whole_slice_openvino": (512, "openvino")}
+#: (max_slice, device, body window) of each way; the first is the reference the others are compared with.
+WAYS = {"whole_slice": (512, "cpu", True), "tiled": (0, "cpu", True), "whole_slice_openvino": (512, "openvino", True),
+        "whole_slice_every_pixel": (512, "cpu", False)}
 REFERENCE = "whole_slice"
 
 
@@ -47,9 +49,9 @@ def score(cases: list[tuple[Path, Path]], network_dir: Path) -> dict[str, dict[s
     seconds = dict.fromkeys(WAYS, 0.0)
     for volume_path, label_path in cases:
         scan, truth = read_scan(volume_path), read_nifti(label_path).voxels
-        for way, (max_slice, device) in WAYS.items():
+        for way, (max_slice, device, body_window) in WAYS.items():
             started = time.perf_counter()
-            predicted = labels_in_process(scan, network_dir, max_slice, device=device)
+            predicted = labels_in_process(scan, network_dir, max_slice, device=device, body_window=body_window)
             seconds[way] += time.perf_counter() - started
             liver[way].update(np.minimum(predicted, 1), np.minimum(truth, 1))
             lesion[way].update(predicted, truth)

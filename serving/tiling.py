@@ -13,6 +13,13 @@ Tiled with 160-pixel tiles at 25% overlap, a 224x224 model slice costs 2.0x the 
 :func:`iter_slice_batches`) and accumulating predictions (:class:`TileAccumulator`, :class:`SliceAccumulator`)
 are kept apart, as in nnU-Net, so a server can build the next batch while the previous one is being inferred;
 :func:`plan_volume_inference` pairs the right two for a volume.
+
+Only the part of a slice that holds the patient is run (:func:`body_box`): air is background whatever the network
+says, and a small patient in a large field of view leaves most of a slice air. The window keeps a margin of air so
+the network still sees the body's edge against air as in a whole slice; outside it the probabilities are
+background with certainty. On the held-out phantoms of ``benchmarks/whole_slice_accuracy.py`` it saves 12% of the
+in-process time at Dice within 0.0025 of every pixel; on the serving benchmark's scan the body reaches the slice's
+edge and the window is the whole slice.
 """
 from __future__ import annotations
 
@@ -278,6 +285,61 @@ class SliceAccumulator:
         return self._probabilities
 
 
+#: Above this HU a voxel is the patient or something lying with them (the table, a blanket); air is about
+#: -1000 HU, and lung (down to about -900 HU) lies inside the body's outline.
+BODY_HU = -500.0
+#: Air kept on each side of the body, in model-grid pixels (51 mm at the bundled model's 1.6 mm): the network
+#: sees the body's edge against air, as it does in a whole slice.
+BODY_MARGIN = 32
+
+
+def body_box(volume: np.ndarray, margin: int = BODY_MARGIN, size_divisor: int = 1,
+             threshold_hu: float = BODY_HU) -> tuple[slice, slice] | None:
+    """The in-plane window of a [D,H,W] volume worth running a network on: rows and columns around every voxel
+    above ``threshold_hu`` on any slice, widened by ``margin`` pixels on each side and then, where the slice
+    allows, to a multiple of ``size_divisor`` (the padding a network needs anyway is then body or air of the scan,
+    not added air). ``None`` when no voxel is above the threshold."""
+    volume = _check_volume(volume)
+    inside = np.any(volume > threshold_hu, axis=0)
+    rows, columns = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if rows.size == 0:
+        return None
+    return (_widened(int(rows[0]), int(rows[-1]) + 1, volume.shape[1], margin, size_divisor),
+            _widened(int(columns[0]), int(columns[-1]) + 1, volume.shape[2], margin, size_divisor))
+
+
+def _widened(start: int, stop: int, extent: int, margin: int, size_divisor: int) -> slice:
+    """[start, stop) grown by ``margin`` on each side, then to a multiple of ``size_divisor``, within [0, extent)."""
+    start, stop = max(0, start - margin), min(extent, stop + margin)
+    length = min(extent, padded_size(stop - start, size_divisor))
+    stop = min(extent, start + length)
+    return slice(max(0, stop - length), stop)
+
+
+class WindowAccumulator:
+    """Predictions of an in-plane window of the volume (or of nothing: ``inner`` None) placed into the whole
+    volume, certain background around it."""
+
+    def __init__(self, inner: "Accumulator | None", num_classes: int, volume_shape: Sequence[int],
+                 window: tuple[slice, slice] | None) -> None:
+        self.inner, self.num_classes, self.window = inner, num_classes, window
+        self.volume_shape = tuple(int(n) for n in volume_shape)
+
+    def add(self, probs: np.ndarray, where: Any) -> None:
+        if self.inner is None:
+            raise ValueError("no network input was planned for this volume")
+        self.inner.add(probs, where)
+
+    def result(self) -> np.ndarray:
+        """float16 [C,D,H,W]: the window's probabilities, background 1 elsewhere."""
+        probabilities = np.zeros((self.num_classes, *self.volume_shape), dtype=np.float16)
+        probabilities[0] = 1
+        if self.inner is not None and self.window is not None:
+            rows, columns = self.window
+            probabilities[:, :, rows, columns] = self.inner.result()
+        return probabilities
+
+
 class Accumulator(Protocol):
     def add(self, probs: np.ndarray, where: Any) -> None: ...
 
@@ -306,10 +368,33 @@ def plan_volume_inference(
     sigma_scale: float = 0.125,
     context_slices: int = 3,
     pad_value: float = AIR_HU,
+    body_margin: int | None = BODY_MARGIN,
 ) -> VolumeInference:
     """Whole slices if they fit ``max_slice`` (see :func:`fits_whole`), in batches of as many pixels as
-    ``batch_size`` tiles; otherwise Gaussian-blended tiles of ``roi_size``."""
+    ``batch_size`` tiles; otherwise Gaussian-blended tiles of ``roi_size``. Only the window around the body
+    (:func:`body_box` with ``body_margin``; ``None``: the whole slice) is run, so a slice whose body fits
+    ``max_slice`` goes whole even where the full slice would be tiled."""
     volume = _check_volume(volume)
+    if body_margin is None:
+        return _plan_window(volume, roi_size, overlap, batch_size, num_classes, max_slice, size_divisor, sigma_scale,
+                            context_slices, pad_value)
+    window = body_box(volume, body_margin, size_divisor)
+    if window is None:
+        return VolumeInference(iter(()), WindowAccumulator(None, num_classes, volume.shape, None), "air")
+    rows, columns = window
+    if rows == slice(0, volume.shape[1]) and columns == slice(0, volume.shape[2]):
+        return _plan_window(volume, roi_size, overlap, batch_size, num_classes, max_slice, size_divisor, sigma_scale,
+                            context_slices, pad_value)
+    inner = _plan_window(volume[:, rows, columns], roi_size, overlap, batch_size, num_classes, max_slice,
+                         size_divisor, sigma_scale, context_slices, pad_value)
+    return VolumeInference(inner.batches, WindowAccumulator(inner.accumulator, num_classes, volume.shape, window),
+                           inner.mode)
+
+
+def _plan_window(volume: np.ndarray, roi_size: Sequence[int], overlap: float, batch_size: int, num_classes: int,
+                 max_slice: int, size_divisor: int, sigma_scale: float, context_slices: int,
+                 pad_value: float) -> VolumeInference:
+    """:func:`plan_volume_inference` of exactly ``volume``, every pixel of it."""
     if fits_whole(volume.shape[1:], max_slice, size_divisor):
         shape = (padded_size(volume.shape[1], size_divisor), padded_size(volume.shape[2], size_divisor))
         slices = slices_per_batch(shape, roi_size, batch_size)
@@ -334,12 +419,14 @@ def predict_volume_probabilities(
     sigma_scale: float = 0.125,
     context_slices: int = 3,
     pad_value: float = AIR_HU,
+    body_margin: int | None = BODY_MARGIN,
 ) -> np.ndarray:
     """What the served window step computes, in process: float16 [C,D,H,W] probabilities of a [D,H,W] volume,
-    whole slices when they fit ``max_slice``, Gaussian-blended tiles beyond (:func:`plan_volume_inference`)."""
+    the window around the body only, whole slices when they fit ``max_slice``, Gaussian-blended tiles beyond
+    (:func:`plan_volume_inference`)."""
     plan = plan_volume_inference(volume, roi_size, overlap, batch_size, num_classes=num_classes, max_slice=max_slice,
                                  size_divisor=size_divisor, sigma_scale=sigma_scale, context_slices=context_slices,
-                                 pad_value=pad_value)
+                                 pad_value=pad_value, body_margin=body_margin)
     for inputs, where in plan.batches:
         plan.accumulator.add(np.asarray(predict_batch(inputs)), where)
     return plan.accumulator.result()

@@ -6,6 +6,7 @@ from mixsup.errors import InputError
 from mixsup.serving.tiling import (
     SliceAccumulator,
     TileAccumulator,
+    body_box,
     fits_whole,
     gaussian_importance_map,
     iter_slice_batches,
@@ -231,3 +232,74 @@ def test_slice_accumulator_checks_prediction_shape():
         accumulator.add(np.zeros((2, 2, 16, 16), np.float32), 0)  # wrong class count
     with pytest.raises(ValueError, match="expected"):
         accumulator.add(np.zeros((2, 3, 16, 16), np.float32), 3)  # runs past the last slice
+
+
+# ------------------------------------------------------------------------------------------ body window
+
+
+def body_volume(shape=(3, 60, 80), rows=(20, 30), columns=(25, 41), seed=4):
+    """Air (about -1000 HU with noise) around a block of soft tissue at ``rows`` x ``columns``."""
+    rng = np.random.default_rng(seed)
+    volume = rng.normal(-1000, 30, shape).astype(np.int16)
+    volume[:, rows[0]:rows[1], columns[0]:columns[1]] = rng.integers(-100, 200, (shape[0], rows[1] - rows[0],
+                                                                                  columns[1] - columns[0]))
+    return volume
+
+
+def test_body_box_keeps_a_margin_of_air_and_grows_to_the_size_divisor():
+    rows, columns = body_box(body_volume(), margin=4, size_divisor=8)
+    assert (rows.start, rows.stop) == (16, 40)      # 20-4 .. 30+4: 18 rows, grown to 24 downwards
+    assert (columns.start, columns.stop) == (21, 45)  # 25-4 .. 41+4 = 24 columns, already a multiple of 8
+    # at the image's edge the margin is cut and the box grows the other way to reach the divisor
+    rows, columns = body_box(body_volume(rows=(0, 10), columns=(70, 80)), margin=4, size_divisor=16)
+    assert (rows.start, rows.stop) == (0, 16)
+    assert (columns.start, columns.stop) == (64, 80)
+
+
+def test_body_box_of_air_alone_is_none_and_of_tissue_everywhere_the_whole_slice():
+    assert body_box(np.full((2, 20, 20), -1000, np.int16)) is None
+    rows, columns = body_box(np.zeros((2, 20, 30), np.int16), margin=4, size_divisor=16)
+    assert (rows.start, rows.stop, columns.start, columns.stop) == (0, 20, 0, 30)
+
+
+@pytest.mark.parametrize("max_slice", [512, 0])
+def test_only_the_body_window_is_run_and_the_air_around_it_is_background(max_slice):
+    """A per-pixel network gives the same probabilities inside the body window as over the whole slice (whole
+    slices and tiles alike), the network sees only the window, and everything outside it is certain background."""
+    volume = body_volume()
+    seen = []
+
+    def network(stacks):
+        seen.append(stacks.shape)
+        return pixel_network(stacks).astype(np.float32)
+
+    cropped = predict_volume_probabilities(volume, network, ROI, num_classes=3, size_divisor=8, max_slice=max_slice,
+                                           body_margin=4)
+    whole = predict_volume_probabilities(volume, pixel_network, ROI, num_classes=3, size_divisor=8,
+                                         max_slice=max_slice, body_margin=None)
+    rows, columns = body_box(volume, margin=4, size_divisor=8)
+    assert cropped.shape == whole.shape == (3, *volume.shape)
+    assert all(shape[-2:] == (24, 24) for shape in seen) if max_slice else all(shape[-2:] == ROI for shape in seen)
+    np.testing.assert_allclose(cropped[:, :, rows, columns].astype(np.float32),
+                               whole[:, :, rows, columns].astype(np.float32), atol=2e-3, rtol=0)
+    outside = np.ones(volume.shape[1:], bool)
+    outside[rows, columns] = False
+    assert (cropped[0][:, outside] == 1).all() and (cropped[1:][:, :, outside] == 0).all()
+
+
+def test_a_volume_of_air_runs_no_network_and_is_background():
+    def network(stacks):
+        raise AssertionError("the network ran on air")
+
+    probabilities = predict_volume_probabilities(np.full((2, 20, 20), -1000, np.int16), network, ROI,
+                                                 num_classes=3)
+    assert probabilities.shape == (3, 2, 20, 20)
+    assert (probabilities[0] == 1).all() and (probabilities[1:] == 0).all()
+
+
+def test_a_body_window_that_fits_goes_whole_where_the_full_slice_would_be_tiled():
+    volume = body_volume(shape=(2, 100, 100), rows=(40, 60), columns=(40, 60))
+    assert plan_volume_inference(volume, ROI, num_classes=3, max_slice=64, size_divisor=16,
+                                 body_margin=8).mode == "whole-slice"
+    assert plan_volume_inference(volume, ROI, num_classes=3, max_slice=64, size_divisor=16,
+                                 body_margin=None).mode == "tiled"

@@ -1,8 +1,9 @@
 """Triton python-backend model: one network over a whole volume.
 
-Input ``volume`` INT16 [D,H,W] (raw HU) -> batches of whole 2.5D slices (padded to SIZE_DIVISOR) when a padded
-slice fits MAX_SLICE, else Gaussian-blended tiles of ROI (:mod:`mixsup.serving.tiling`) -> sent to the network
-model -> outputs ``probabilities`` FP16 [C,D,H,W] and ``labels`` UINT8 [D,H,W] (their argmax).
+Input ``volume`` INT16 [D,H,W] (raw HU) -> the in-plane window around the body (air beyond it is background) ->
+batches of whole 2.5D slices of it (padded to SIZE_DIVISOR) when they fit MAX_SLICE, else Gaussian-blended tiles
+of ROI (:mod:`mixsup.serving.tiling`) -> sent to the network model -> outputs ``probabilities`` FP16 [C,D,H,W]
+and ``labels`` UINT8 [D,H,W] (their argmax).
 Parameters: NETWORK, ROI ("h,w"), OVERLAP, BATCH_SIZE (tiles per request; whole-slice requests carry as many
 pixels), SIGMA_SCALE, NUM_CLASSES, CONTEXT_SLICES, MAX_SLICE (0: always tile), SIZE_DIVISOR, NETWORK_IN_STEP.
 
