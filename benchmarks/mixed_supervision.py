@@ -26,7 +26,7 @@ metrics: Dice global and per case for liver (liver ∪ lesion) and lesion, and t
 seeds with a 95% t-interval (three seeds for the six main rows; the sweep and perturbed rows run on ``--sweep-seeds``,
 the first seed by default, to keep the CPU preset within the hour).
 
-Usage (one command; the CPU preset is sized to finish in about an hour on 2 cores)::
+Usage (one command; the CPU preset is sized to finish in about an hour on 2 cores that step in bfloat16)::
 
     python benchmarks/mixed_supervision.py [--preset cpu|cuda] [--seeds 0 1 2] [--work DIR] [--rows ...]
 
@@ -88,6 +88,7 @@ PRESETS = {
     # its first 14 runs, with the evaluation threads beside the two runs). 16 base channels, not fewer: at 8 a U-Net
     # never predicted a lesion on validation in 1,400 steps, at 16 it did within 400 (measured on seed 0's
     # strong-only split). MSDN's detection towers are 16 wide (the paper's 256 would cost ~10x a U-Net step).
+    # Timed on a 2-core CPU with AMX; a 2-core AMD EPYC without native bfloat16 took 403 s per U-Net run, not 81.
     "cpu": Preset(pool=30, test=20, foreign=10, independent=20, shape=(24, 128, 128), jobs=2,
                   train=dict(base_channels=16, depth=4, spacing_mm=[2.4, 2.4], crop=64, patch_size=64,
                              batch_size=8, epochs=15, iterations_per_epoch=60, validation_cases=3, threads=1),
