@@ -6,19 +6,24 @@ into a fresh repository, and one scan (``mixsup-data phantoms``, 512x512x100 at 
 model grid). Every path gets the same model-grid volume and the same weights and ends in labels:
 
 * ``served``              -- tritonclient -> the ``segment`` ensemble of ``mixsup-serve`` (INT16 in, UINT8 out),
-                             warm; the window step runs whole slices (``MAX_SLICE``), the network model runs on
+                             warm; the window step runs whole slices (``MAX_SLICE``) of the window around the
+                             body (:func:`mixsup.serving.tiling.body_box`), the network model runs on
                              the repository's device ``auto`` (OpenVINO on a CPU host where it is installed:
                              bfloat16 on CPUs with AMX, else float32; ``served_engine`` says which);
 * ``monai_eager``         -- MONAI ``sliding_window_inference`` (160 px tiles, 25% overlap, Gaussian, batch 8)
                              over the network in eager PyTorch: what most users run;
 * ``monai_torchscript``   -- the same with the network traced, frozen and in channels_last: a savvy PyTorch user;
 * ``monai_torchscript_bf16`` -- the same traced under ``torch.autocast`` bfloat16: the savviest user of a CPU
-                             with native bfloat16, the peer of a bfloat16 served path;
+                             with native bfloat16, the peer of a bfloat16 served path (run only on such a CPU:
+                             elsewhere bfloat16 is emulated, 7x slower than float32, and the served path is
+                             float32 too);
 * ``in_process``          -- the project's own inference (:func:`mixsup.serving.tiling.predict_volume_probabilities`,
                              whole slices) in this process, on the served engine: what serving may cost at most over;
 * ``in_process_onnxruntime`` -- the same on ONNX Runtime's float32 (device ``cpu``);
 * ``in_process_tiled``    -- the same as ``in_process``, tiled as MONAI tiles: what whole slices save;
-* ``matmul_ceiling``      -- the network's FLOPs for the whole-slice plan over this CPU's float32 matmul rate
+* ``in_process_whole_slices`` -- the same as ``in_process`` over every pixel of each slice, air included: what the
+                             body window saves (and ``label_agreement_with_whole_slices``: what it changes);
+* ``matmul_ceiling``      -- the network's FLOPs for the served plan over this CPU's float32 matmul rate
                              (``matmul_ceiling_bf16``: over its bfloat16 matmul rate).
 
 Then ``mixsup-client segment`` end to end (read, resample, serve, restore, post-process, write) and what the
@@ -63,7 +68,14 @@ from mixsup.contract import ModelContract  # noqa: E402
 from mixsup.readers import read_scan  # noqa: E402
 from mixsup.serving.fuse import fuse_probabilities  # noqa: E402
 from mixsup.serving.runtime import create_session  # noqa: E402
-from mixsup.serving.tiling import padded_size, predict_volume_probabilities, slice_stacks, tile_positions  # noqa: E402
+from mixsup.serving.tiling import (  # noqa: E402
+    body_box,
+    padded_size,
+    predict_volume_probabilities,
+    slice_stacks,
+    tile_positions,
+)
+from mixsup.training.precision import native_bfloat16  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ROI, OVERLAP, BATCH, SIGMA = (160, 160), 0.25, 8, 0.125
@@ -148,11 +160,13 @@ def frozen_channels_last(network, example_hw: tuple[int, int], bfloat16: bool = 
     return predict
 
 
-def in_process_labels(volume: np.ndarray, session, contract: ModelContract, max_slice: int) -> np.ndarray:
+def in_process_labels(volume: np.ndarray, session, contract: ModelContract, max_slice: int,
+                      body_window: bool = True) -> np.ndarray:
+    margin = {} if body_window else {"body_margin": None}
     probabilities = predict_volume_probabilities(
         volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], ROI, OVERLAP, BATCH,
         num_classes=contract.num_classes, max_slice=max_slice, size_divisor=contract.size_divisor,
-        sigma_scale=SIGMA)
+        sigma_scale=SIGMA, **margin)
     return fuse_probabilities([probabilities], [1.0])[0]
 
 
@@ -248,9 +262,10 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    peers = ["monai_eager", "monai_torchscript", "monai_torchscript_bf16"]
-    ours = ["in_process_onnxruntime", "in_process_tiled", "in_process"]
-    ceilings = ["matmul_ceiling", "matmul_ceiling_bf16"]
+    peers = [name for name in ("monai_eager", "monai_torchscript", "monai_torchscript_bf16")
+             if name in results["seconds"]]
+    ours = ["in_process_onnxruntime", "in_process_tiled", "in_process_whole_slices", "in_process"]
+    ceilings = [name for name in ("matmul_ceiling", "matmul_ceiling_bf16") if name in results["seconds"]]
     names = peers + ours + ["served"] + ceilings
     colours = ["#999999"] * len(peers) + ["#4c72b0"] * len(ours) + ["#dd8452"] + ["#dddddd"] * len(ceilings)
     seconds = [results["seconds"][name] for name in names]
@@ -304,11 +319,15 @@ def main() -> None:
         measure("in_process", lambda: in_process_labels(volume, session, contract, max_slice=512))
         measure("in_process_onnxruntime", lambda: in_process_labels(volume, reference_session, contract, max_slice=512))
         measure("in_process_tiled", lambda: in_process_labels(volume, session, contract, max_slice=0))
+        measure("in_process_whole_slices",
+                lambda: in_process_labels(volume, session, contract, max_slice=512, body_window=False))
         measure("monai_eager", lambda: monai_labels(volume, network))
         frozen = frozen_channels_last(network, ROI)  # built once: tracing is not inference
         measure("monai_torchscript", lambda: monai_labels(volume, frozen, channels_last=True))
-        frozen_bf16 = frozen_channels_last(network, ROI, bfloat16=True)
-        measure("monai_torchscript_bf16", lambda: monai_labels(volume, frozen_bf16, channels_last=True))
+        bfloat16 = native_bfloat16(torch.device("cpu"))
+        if bfloat16:
+            frozen_bf16 = frozen_channels_last(network, ROI, bfloat16=True)
+            measure("monai_torchscript_bf16", lambda: monai_labels(volume, frozen_bf16, channels_last=True))
 
         server, url, _ = start_serve(work / "repository", log_dir=work / "logs")
         try:
@@ -340,44 +359,58 @@ def main() -> None:
         finally:
             stop_serve(server)
 
-    # Work counted the way each path does it: whole padded slices, or 160-pixel tiles on the padded slice.
+    # Work counted the way each path does it: whole padded slices of the body window (served, in process), of the
+    # full slice, or 160-pixel tiles on the padded slice (MONAI, tiled).
+    rows, columns = body_box(volume, size_divisor=contract.size_divisor)
+    window_hw = (rows.stop - rows.start, columns.stop - columns.start)
+    window_gflop = depth * network_gflop(network, *(padded_size(n, contract.size_divisor) for n in window_hw))
     whole_gflop = depth * network_gflop(network, padded_size(height, contract.size_divisor),
                                         padded_size(width, contract.size_divisor))
     tiles = len(tile_positions((depth, max(height, ROI[0]), max(width, ROI[1])), ROI, OVERLAP))
     tiled_gflop = tiles * network_gflop(network, *ROI)
-    ceiling, ceiling_bf16 = matmul_gflops(), matmul_gflops(dtype="bfloat16")
-    seconds["matmul_ceiling"] = whole_gflop / ceiling
-    seconds["matmul_ceiling_bf16"] = whole_gflop / ceiling_bf16
+    ceiling = matmul_gflops()
+    seconds["matmul_ceiling"] = window_gflop / ceiling
+    ceiling_bf16 = matmul_gflops(dtype="bfloat16") if bfloat16 else None
+    if ceiling_bf16:
+        seconds["matmul_ceiling_bf16"] = window_gflop / ceiling_bf16
     cli_seconds = float(np.median([s for s, _ in cli_runs]))
+    paths = [name for name in ("served", "in_process", "in_process_onnxruntime", "in_process_tiled",
+                               "in_process_whole_slices", "monai_eager", "monai_torchscript",
+                               "monai_torchscript_bf16") if name in labels]
     agreement = {name: round(float(np.mean(labels[name] == labels["in_process_onnxruntime"])), 5)
-                 for name in ("served", "in_process", "in_process_tiled", "monai_eager", "monai_torchscript",
-                              "monai_torchscript_bf16")}
+                 for name in paths if name != "in_process_onnxruntime"}
+    work_of = {name: tiled_gflop if name.startswith("monai") or name.endswith("tiled")
+               else whole_gflop if name == "in_process_whole_slices" else window_gflop for name in paths}
     results.update({
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "runs_seconds": runs,
         "served_first_request_seconds": runs["served"][0],
         "speedup_vs_monai_eager": round(seconds["monai_eager"] / seconds["served"], 2),
         "speedup_vs_monai_torchscript": round(seconds["monai_torchscript"] / seconds["served"], 2),
-        "speedup_vs_monai_torchscript_bf16": round(seconds["monai_torchscript_bf16"] / seconds["served"], 2),
+        "speedup_vs_monai_torchscript_bf16": (round(seconds["monai_torchscript_bf16"] / seconds["served"], 2)
+                                              if bfloat16 else None),
+        "native_bfloat16": bfloat16,
         "engine_speedup_in_process": round(seconds["in_process_onnxruntime"] / seconds["in_process"], 2),
         "overhead_vs_inprocess": round(paired["served"] / paired["in_process"], 3),
         "paired_seconds": {name: round(value, 3) for name, value in paired.items()},
         "overhead_vs_inprocess_cli_model": round(paired_cli_model["served"] / paired_cli_model["in_process"], 3),
         "paired_seconds_cli_model": {name: round(value, 3) for name, value in paired_cli_model.items()},
-        "whole_slice_speedup_in_process": round(seconds["in_process_tiled"] / seconds["in_process"], 2),
+        "whole_slice_speedup_in_process": round(seconds["in_process_tiled"] / seconds["in_process_whole_slices"], 2),
+        "body_window_speedup_in_process": round(seconds["in_process_whole_slices"] / seconds["in_process"], 2),
+        "body_window_hw": list(window_hw),
+        "label_agreement_with_whole_slices": round(float(np.mean(labels["in_process"]
+                                                                  == labels["in_process_whole_slices"])), 6),
         "cli_end_to_end_seconds": round(cli_seconds, 2),
         "client_seconds": round(cli_seconds - seconds["served_cli_model"], 2),
         "cli_repository": str(cli_repository), "cli_label_foreground_fraction": round(foreground, 4),
         "scans_per_minute_by_clients": throughput,
         "peak_rss_mb": {"server": round(server_rss.peak), "server_after_served_runs": round(server_rss.start),
                         "cli": round(max(rss for _, rss in cli_runs))},
-        "work": {"network_gflop_whole_slices": round(whole_gflop, 1), "network_gflop_tiled": round(tiled_gflop, 1),
-                 "matmul_gflops": round(ceiling, 1), "matmul_gflops_bf16": round(ceiling_bf16, 1),
-                 "effective_gflops": {name: round((tiled_gflop if name.startswith("monai") or name.endswith("tiled")
-                                                   else whole_gflop) / seconds[name], 1)
-                                      for name in ("served", "in_process", "in_process_onnxruntime",
-                                                   "in_process_tiled", "monai_eager", "monai_torchscript",
-                                                   "monai_torchscript_bf16")}},
+        "work": {"network_gflop_body_window": round(window_gflop, 1),
+                 "network_gflop_whole_slices": round(whole_gflop, 1), "network_gflop_tiled": round(tiled_gflop, 1),
+                 "matmul_gflops": round(ceiling, 1),
+                 "matmul_gflops_bf16": round(ceiling_bf16, 1) if ceiling_bf16 else None,
+                 "effective_gflops": {name: round(work_of[name] / seconds[name], 1) for name in paths}},
         "label_agreement_with_onnxruntime_float32": agreement,
         "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
     })
