@@ -14,9 +14,9 @@ pseudo-labels). Rows, each trained with ``mixsup-train`` in its own process:
   for teacher-student (chosen beforehand as the method the sweep comes from, not after looking at the table);
 * ``teacher-student perturbed`` -- 30:60 with the weak boxes perturbed as in that paper's robustness study.
 
-Every run's ``best.pt`` (chosen on its validation cases, liver + lesion Dice) segments three held-out test sets
-that no run sees: phantoms of the project's generator with other seeds (``own``), of the second generator in
-``benchmarks/foreign_phantoms.py`` (``foreign``) and of the independent evaluation generator in
+Every run's ``best.pt`` (chosen on a moving average of its validation cases' liver + lesion Dice) segments three
+held-out test sets that no run sees: phantoms of the project's generator with other seeds (``own``), of the second
+generator in ``benchmarks/foreign_phantoms.py`` (``foreign``) and of the independent evaluation generator in
 ``benchmarks/independent_phantoms.py`` (``independent``, written apart from the training generator and never
 tuned on). Each scan goes the served path's way -- the client's
 pre-processing to the model grid, whole-slice inference, labels restored to the scan's grid, the client's

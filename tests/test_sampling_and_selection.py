@@ -7,7 +7,7 @@ import pytest
 
 from mixsup.training.data.dataset import Augmentation, SliceSampler, Volume
 from mixsup.training.recipes.base import LESION_BOX, ORGAN_BOX, STRONG, WEAK
-from mixsup.training.trainer import TrainConfig, stage_best_score, validation_score
+from mixsup.training.trainer import TrainConfig, smoothed_scores, stage_best_score, validation_score
 
 SHAPE = (12, 96, 96)
 
@@ -94,3 +94,15 @@ def test_checkpoints_are_chosen_on_liver_and_lesion():
                {"stage": "student", "train_loss": 0.5, "dice_liver": 1.0, "dice_lesion": 1.0}]
     assert stage_best_score(history, "teacher") == pytest.approx(0.70)
     assert stage_best_score(history, "other") == -float("inf")
+
+
+def test_a_lucky_epoch_does_not_outrank_steady_gains():
+    """The best epoch is chosen on a moving average of the validation score: one epoch whose few validation cases
+    happened to score high (0.60 among 0.30-0.52) is not kept over the steadily better epochs after it."""
+    scores = [0.30, 0.60, 0.35, 0.45, 0.50, 0.52, 0.52, 0.52]
+    history = [{"stage": "train", "train_loss": 1.0, "dice_liver": s, "dice_lesion": s} for s in scores]
+    smoothed = smoothed_scores(history, "train")
+    assert len(smoothed) == len(scores) and smoothed[0] == pytest.approx(0.30)
+    assert smoothed[1] == pytest.approx(0.9 * 0.30 + 0.1 * 0.60)
+    assert int(np.argmax(smoothed)) == len(scores) - 1
+    assert stage_best_score(history, "train") == pytest.approx(smoothed[-1])

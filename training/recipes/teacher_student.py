@@ -3,12 +3,12 @@
 Stage ``teacher``: a box-prompted U-Net (:class:`~mixsup.training.models.teacher_student.TeacherUNet`) learns on
 strong crops, its box masks entering only through the O2L attention (the paper; ``teacher_box_input=true`` also
 stacks them onto the input, the paper's SCN ablation), with plain cross-entropy (the paper's teacher loss). The
-trainer ends the stage with the teacher of its best validation epoch (liver + lesion Dice with boxes), not the
-last. That teacher annotates every weak case: :func:`pseudo_labels` runs it on whole slices with the case's boxes
-and keeps the softmax probabilities as **soft** pseudo-labels (not argmax: the teacher's uncertainty at box
-edges stays in the targets). Where a weak case's mask is kept aside (``hidden/`` of a phantom split), the
-pseudo-labels' Dice against it is logged to ``pseudo_labels/quality.json``: it is the method's key signal, since
-the student can only be as good as its targets.
+trainer ends the stage with the teacher of its best validation epoch (moving average of liver + lesion Dice with
+boxes), not the last. That teacher annotates every weak case: :func:`pseudo_labels` runs it on whole slices with
+the case's boxes and keeps the softmax probabilities as **soft** pseudo-labels (not argmax: the teacher's
+uncertainty at box edges stays in the targets). Where a weak case's mask is kept aside (``hidden/`` of a phantom
+split), the pseudo-labels' Dice against it is logged to ``pseudo_labels/quality.json``: it is the method's key
+signal, since the student can only be as good as its targets.
 
 Stage ``student``: a plain U-Net with a training-only localization branch learns on strong crops (hard labels)
 and pseudo-labelled weak crops (soft labels) with ``CE_seg + alpha * CE_loc`` (Eq. 4); the localization target is
