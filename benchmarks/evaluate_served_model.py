@@ -104,14 +104,14 @@ def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MA
     from mixsup.clients.pipeline import prepare_volume, restore_labels
     from mixsup.postprocess import postprocess_labels
     from mixsup.serving.fuse import fuse_probabilities
-    from mixsup.serving.tiling import predict_volume_probabilities
+    from mixsup.serving.tiling import BODY_MARGIN, predict_volume_probabilities
 
     contract, session = network_session(network_dir, device)
     volume, restore = prepare_volume(scan, contract)
     probabilities = predict_volume_probabilities(
         volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], contract.patch_size,
         overlap=0.25, batch_size=8, num_classes=contract.num_classes, max_slice=max_slice,
-        size_divisor=contract.size_divisor, **({} if body_window else {"body_margin": None}))
+        size_divisor=contract.size_divisor, body_margin=BODY_MARGIN if body_window else None)
     labels, _ = fuse_probabilities([probabilities], [1.0])
     labels = restore_labels(labels, restore, contract.num_classes)
     return postprocess_labels(labels) if postprocess else labels

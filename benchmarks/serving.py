@@ -69,6 +69,7 @@ from mixsup.readers import read_scan  # noqa: E402
 from mixsup.serving.fuse import fuse_probabilities  # noqa: E402
 from mixsup.serving.runtime import create_session  # noqa: E402
 from mixsup.serving.tiling import (  # noqa: E402
+    BODY_MARGIN,
     body_box,
     padded_size,
     predict_volume_probabilities,
@@ -162,11 +163,10 @@ def frozen_channels_last(network, example_hw: tuple[int, int], bfloat16: bool = 
 
 def in_process_labels(volume: np.ndarray, session, contract: ModelContract, max_slice: int,
                       body_window: bool = True) -> np.ndarray:
-    margin = {} if body_window else {"body_margin": None}
     probabilities = predict_volume_probabilities(
         volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], ROI, OVERLAP, BATCH,
         num_classes=contract.num_classes, max_slice=max_slice, size_divisor=contract.size_divisor,
-        sigma_scale=SIGMA, **margin)
+        sigma_scale=SIGMA, body_margin=BODY_MARGIN if body_window else None)
     return fuse_probabilities([probabilities], [1.0])[0]
 
 

@@ -317,8 +317,8 @@ def _widened(start: int, stop: int, extent: int, margin: int, size_divisor: int)
 
 
 class WindowAccumulator:
-    """Predictions of an in-plane window of the volume (or of nothing: ``inner`` None) placed into the whole
-    volume, certain background around it."""
+    """Predictions of an in-plane ``window`` of the volume (or of nothing: ``inner`` and ``window`` None) placed
+    into the whole volume, certain background around it."""
 
     def __init__(self, inner: "Accumulator | None", num_classes: int, volume_shape: Sequence[int],
                  window: tuple[slice, slice] | None) -> None:
@@ -334,7 +334,7 @@ class WindowAccumulator:
         """float16 [C,D,H,W]: the window's probabilities, background 1 elsewhere."""
         probabilities = np.zeros((self.num_classes, *self.volume_shape), dtype=np.float16)
         probabilities[0] = 1
-        if self.inner is not None and self.window is not None:
+        if self.inner is not None:
             rows, columns = self.window
             probabilities[:, :, rows, columns] = self.inner.result()
         return probabilities
@@ -375,18 +375,15 @@ def plan_volume_inference(
     (:func:`body_box` with ``body_margin``; ``None``: the whole slice) is run, so a slice whose body fits
     ``max_slice`` goes whole even where the full slice would be tiled."""
     volume = _check_volume(volume)
-    if body_margin is None:
-        return _plan_window(volume, roi_size, overlap, batch_size, num_classes, max_slice, size_divisor, sigma_scale,
-                            context_slices, pad_value)
-    window = body_box(volume, body_margin, size_divisor)
+    every_pixel = (slice(0, volume.shape[1]), slice(0, volume.shape[2]))
+    window = every_pixel if body_margin is None else body_box(volume, body_margin, size_divisor)
     if window is None:
         return VolumeInference(iter(()), WindowAccumulator(None, num_classes, volume.shape, None), "air")
     rows, columns = window
-    if rows == slice(0, volume.shape[1]) and columns == slice(0, volume.shape[2]):
-        return _plan_window(volume, roi_size, overlap, batch_size, num_classes, max_slice, size_divisor, sigma_scale,
-                            context_slices, pad_value)
     inner = _plan_window(volume[:, rows, columns], roi_size, overlap, batch_size, num_classes, max_slice,
                          size_divisor, sigma_scale, context_slices, pad_value)
+    if window == every_pixel:  # the plan's own accumulator already holds the whole volume: no copy into another
+        return inner
     return VolumeInference(inner.batches, WindowAccumulator(inner.accumulator, num_classes, volume.shape, window),
                            inner.mode)
 
