@@ -265,6 +265,7 @@ def evaluate_checkpoint(checkpoint: Path, cases: list[TestCase]) -> dict[str, fl
     """LiTS metrics of a checkpoint's exported network on ``cases``, after the client's post-processing."""
     liver, lesion = GlobalDice([1]), GlobalDice([2])
     per_case_liver, per_case_lesion, burden_errors = [], [], []
+    lesion_voxels = np.zeros(3, dtype=np.int64)  # found, predicted, true: a low Dice told apart by its cause
     for case, predicted in zip(cases, segment_cases(checkpoint, cases)):
         liver_pred, liver_true = np.minimum(predicted, 1), np.minimum(case.truth, 1)
         liver.update(liver_pred, liver_true)
@@ -272,10 +273,22 @@ def evaluate_checkpoint(checkpoint: Path, cases: list[TestCase]) -> dict[str, fl
         per_case_liver.append(dice(liver_pred, liver_true, 1))
         per_case_lesion.append(dice(predicted, case.truth, 2))
         burden_errors.append(tumour_burden(predicted) - tumour_burden(case.truth))
+        lesion_voxels += lesion_voxel_counts(predicted, case.truth)
+    found, predicted_total, true_total = (int(n) for n in lesion_voxels)
     return {"liver_dice_global": liver.result()[1], "lesion_dice_global": lesion.result()[2],
             "liver_dice_per_case": float(np.mean(per_case_liver)),
             "lesion_dice_per_case": float(np.mean(per_case_lesion)),
-            "tumour_burden_rmse": float(np.sqrt(np.mean(np.square(burden_errors))))}
+            "tumour_burden_rmse": float(np.sqrt(np.mean(np.square(burden_errors)))),
+            # global over the set's voxels, like Dice global; 1.0 when there was nothing to predict or find
+            "lesion_precision": found / predicted_total if predicted_total else 1.0,
+            "lesion_recall": found / true_total if true_total else 1.0}
+
+
+def lesion_voxel_counts(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """``[found, predicted, true]`` lesion voxels of one case: precision and recall summed over cases."""
+    predicted_lesion, true_lesion = predicted == 2, truth == 2
+    return np.array([np.count_nonzero(predicted_lesion & true_lesion), np.count_nonzero(predicted_lesion),
+                     np.count_nonzero(true_lesion)], dtype=np.int64)
 
 
 def tumour_burden(labels: np.ndarray) -> float:
@@ -320,9 +333,12 @@ def markdown_table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> s
         iv = row["intervals"][key]
         return f"{iv['mean']:.3f} ± {iv['ci95']:.3f}"
 
+    def lesion_hits(row: dict[str, Any]) -> str:  # results written before these two were measured lack them
+        return (f"{row['lesion_precision']:.2f} / {row['lesion_recall']:.2f}" if "lesion_precision" in row else "")
+
     lines = ["| method | liver Dice global | lesion Dice global | liver per case | lesion per case | burden RMSE "
              "| foreign liver | foreign lesion | independent liver | independent lesion | × full (liver / lesion) "
-             "| pseudo-label Dice (liver / lesion) | s / run |", "|" + "---|" * 13]
+             "| lesion precision / recall | pseudo-label Dice (liver / lesion) | s / run |", "|" + "---|" * 14]
     for row in rows:
         ratio = "" if full is None else (f"{row['liver_dice_global'] / full['liver_dice_global']:.3f} / "
                                          f"{row['lesion_dice_global'] / max(full['lesion_dice_global'], 1e-9):.3f}")
@@ -332,7 +348,7 @@ def markdown_table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> s
                      f"| {cell(row, 'liver_dice_per_case')} | {cell(row, 'lesion_dice_per_case')} "
                      f"| {cell(row, 'tumour_burden_rmse')} | {cell(row, 'foreign_liver_dice_global')} "
                      f"| {cell(row, 'foreign_lesion_dice_global')} | {cell(row, 'independent_liver_dice_global')} "
-                     f"| {cell(row, 'independent_lesion_dice_global')} | {ratio} | {pseudo} "
+                     f"| {cell(row, 'independent_lesion_dice_global')} | {ratio} | {lesion_hits(row)} | {pseudo} "
                      f"| {row['seconds_mean']:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -47,6 +47,16 @@ def test_tumour_burden_is_lesion_over_liver(benchmark):
     assert benchmark.tumour_burden(np.zeros((2, 2, 2), np.uint8)) == 0.0
 
 
+def test_lesion_voxel_counts_separate_false_from_missed_lesion(benchmark):
+    truth = np.zeros((2, 4, 4), np.uint8)
+    truth[0, :2, :2] = 2                # 4 true lesion voxels
+    truth[1] = 1
+    predicted = truth.copy()
+    predicted[0, 0, :2] = 1             # 2 of them missed
+    predicted[1, 3, :] = 2              # 4 liver voxels called lesion
+    assert benchmark.lesion_voxel_counts(predicted, truth).tolist() == [2, 6, 4]
+
+
 def test_smoke_preset_writes_rows_table_and_plots(benchmark, tmp_path):
     results = tmp_path / "results"
     assert benchmark.main(["--preset", "smoke", "--seeds", "0", "--rows", "strong-only", "full", "teacher-student",
@@ -56,7 +66,8 @@ def test_smoke_preset_writes_rows_table_and_plots(benchmark, tmp_path):
     for row in document["rows"]:
         assert 0.0 <= row["liver_dice_global"] <= 1.0 and 0.0 <= row["lesion_dice_global"] <= 1.0
         assert row["per_seed"]["liver_dice_global"] == [row["liver_dice_global"]]
-        assert set(row["intervals"]) >= {"liver_dice_global", "foreign_liver_dice_global", "tumour_burden_rmse"}
+        assert set(row["intervals"]) >= {"liver_dice_global", "foreign_liver_dice_global", "tumour_burden_rmse",
+                                         "lesion_precision", "independent_lesion_recall"}
     assert "pseudo_label_dice_liver" in document["rows"][2]
     assert "| teacher-student |" in (results / "mixed_supervision.md").read_text()
     assert (results / "mixed_supervision_rows.png").stat().st_size > 1000
