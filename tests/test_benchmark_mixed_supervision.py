@@ -57,7 +57,7 @@ def test_lesion_voxel_counts_separate_false_from_missed_lesion(benchmark):
     assert benchmark.lesion_voxel_counts(predicted, truth).tolist() == [2, 6, 4]
 
 
-def test_smoke_preset_writes_rows_table_and_plots(benchmark, tmp_path):
+def test_smoke_preset_writes_rows_table_and_plots(benchmark, benchmark_module, tmp_path):
     results = tmp_path / "results"
     assert benchmark.main(["--preset", "smoke", "--seeds", "0", "--rows", "strong-only", "full", "teacher-student",
                            "--work", str(tmp_path / "work"), "--results", str(results)]) == 0
@@ -71,6 +71,15 @@ def test_smoke_preset_writes_rows_table_and_plots(benchmark, tmp_path):
     assert "pseudo_label_dice_liver" in document["rows"][2]
     assert "| teacher-student |" in (results / "mixed_supervision.md").read_text()
     assert (results / "mixed_supervision_rows.png").stat().st_size > 1000
+
+    # training_fit.py scores the same runs on the cases they trained on: a row without weak cases has no weak set
+    fit = benchmark_module("training_fit")
+    fit.main(["--work", str(tmp_path / "work"), "--preset", "smoke", "--rows", "strong-only", "teacher-student",
+              "--out", str(results / "training_fit")])
+    rows = json.loads((results / "training_fit.json").read_text())["rows"]
+    assert set(rows["strong-only"]) == {"runs", "strong", "test"}
+    assert set(rows["teacher-student"]) == {"runs", "strong", "weak", "test"}
+    assert 0.0 <= rows["teacher-student"]["weak"]["lesion_recall"] <= 1.0
 
 
 def test_lesion_breakdown_counts_found_covered_and_false_lesion(benchmark_module):

@@ -1,0 +1,117 @@
+"""Underfit or overfit: the mixed-supervision runs scored on the cases they trained on, beside the held-out set.
+
+A low held-out Dice has two opposite causes. If a run scores about as low on its own training cases, it has not
+learned them (too few steps, too small a network, or a task its inputs cannot decide): more data will not help,
+more training might. If it scores high there, it has memorised them: more data or augmentation is the cure. This
+script takes the runs a ``mixed_supervision.py --work DIR`` invocation kept and scores every run's ``best.pt``,
+through the benchmark's own path (client pre-processing, whole slices, labels restored, post-processing), on
+
+* **strong**: the run's strong training cases (its validation cases left out);
+* **weak**: its weak training cases, against the masks the run never saw (how far its boxes took it);
+* **test**: the work folder's own held-out test set.
+
+Per row and set: Dice global (liver, lesion) and lesion precision / recall, means over the row's seeds.
+
+Usage: python benchmarks/training_fit.py --work /tmp/msb [--rows full teacher-student ...]
+       [--out benchmarks/results/training_fit]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from mixed_supervision import (  # noqa: E402
+    PRESETS,
+    ROWS,
+    evaluate_checkpoint,
+    own_test_set,
+    run_prefix,
+    test_case,
+)
+
+from mixsup.contract import ModelContract  # noqa: E402
+from mixsup.scan import read_nifti  # noqa: E402
+from mixsup.training.data.manifest import STRONG, WEAK, load_dataset  # noqa: E402
+
+SETS = ("strong", "weak", "test")
+METRICS = ("liver_dice_global", "lesion_dice_global", "lesion_precision", "lesion_recall")
+
+
+def training_cases(run: Path, pool: Path, validation_cases: int) -> dict[str, list[str]]:
+    """Case ids a run trained on, by supervision: its manifest's strong cases but the last ``validation_cases``
+    (the trainer validates on those), and its weak cases."""
+    cases = load_dataset(pool / f"manifest-{run.name}.json").cases
+    strong = [c.case for c in cases if c.supervision == STRONG]
+    return {"strong": strong[:len(strong) - validation_cases], "weak": [c.case for c in cases if c.supervision == WEAK]}
+
+
+def pool_cases(pool: Path, contract: ModelContract) -> dict[str, object]:
+    """Every pool case on the model grid with its mask (weak cases included: the pool keeps them all)."""
+    out = {}
+    for case in load_dataset(pool).cases:
+        truth = read_nifti(case.path(case.segmentation)).voxels.astype(np.uint8)
+        out[case.case] = test_case(read_nifti(case.path(case.volume)), truth, contract)
+    return out
+
+
+def row_fit(runs: list[Path], pool: Path, everything: dict[str, object], test: list, validation_cases: int) -> dict:
+    """Means over ``runs`` of :data:`METRICS` on each of :data:`SETS` (a set a row lacks is left out)."""
+    scores: dict[str, list[dict[str, float]]] = {name: [] for name in SETS}
+    for run in runs:
+        ids = training_cases(run, pool, validation_cases)
+        for name in ("strong", "weak"):
+            if ids[name]:
+                scores[name].append(evaluate_checkpoint(run / "best.pt", [everything[i] for i in ids[name]]))
+        scores["test"].append(evaluate_checkpoint(run / "best.pt", test))
+    return {"runs": [run.name for run in runs],
+            **{name: {metric: round(float(np.mean([s[metric] for s in values])), 3) for metric in METRICS}
+               for name, values in scores.items() if values}}
+
+
+def markdown(results: dict) -> str:
+    lines = ["| method | " + " | ".join(f"{name}: liver / lesion Dice, lesion precision / recall" for name in SETS)
+             + " |", "|---" * (len(SETS) + 1) + "|"]
+    for method, row in results["rows"].items():
+        cells = [(f"{row[name]['liver_dice_global']:.3f} / {row[name]['lesion_dice_global']:.3f}, "
+                  f"{row[name]['lesion_precision']:.2f} / {row[name]['lesion_recall']:.2f}") if name in row else ""
+                 for name in SETS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="the --work folder of mixed_supervision.py")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the preset those runs used")
+    parser.add_argument("--rows", nargs="+", choices=[r.method for r in ROWS],
+                        default=["strong-only", "full", "teacher-student", "msdn", "lazy", "asdnet"])
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    contract = ModelContract(patch_size=(preset.train["patch_size"],) * 2,
+                             spacing_mm=tuple(preset.train["spacing_mm"]))
+    pool = args.work / "pool"
+    everything, test = pool_cases(pool, contract), own_test_set(args.work / "test", contract)
+    results: dict = {"work": str(args.work), "rows": {}}
+    for method in args.rows:
+        runs = sorted(p for p in (args.work / "runs").glob(f"{run_prefix(method)}-seed*") if (p / "best.pt").is_file())
+        if runs:
+            results["rows"][method] = row_fit(runs, pool, everything, test, preset.train["validation_cases"])
+            print(method, json.dumps(results["rows"][method]), flush=True)
+    text = markdown(results)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
