@@ -274,14 +274,32 @@ def evaluate_checkpoint(checkpoint: Path, cases: list[TestCase]) -> dict[str, fl
         per_case_lesion.append(dice(predicted, case.truth, 2))
         burden_errors.append(tumour_burden(predicted) - tumour_burden(case.truth))
         lesion_voxels += lesion_voxel_counts(predicted, case.truth)
-    found, predicted_total, true_total = (int(n) for n in lesion_voxels)
     return {"liver_dice_global": liver.result()[1], "lesion_dice_global": lesion.result()[2],
             "liver_dice_per_case": float(np.mean(per_case_liver)),
             "lesion_dice_per_case": float(np.mean(per_case_lesion)),
             "tumour_burden_rmse": float(np.sqrt(np.mean(np.square(burden_errors)))),
-            # global over the set's voxels, like Dice global; 1.0 when there was nothing to predict or find
-            "lesion_precision": found / predicted_total if predicted_total else 1.0,
-            "lesion_recall": found / true_total if true_total else 1.0}
+            # counts, not ratios: they add up over seeds, and a run that predicts no lesion has no precision
+            **{f"lesion_voxels_{name}": int(n) for name, n in zip(LESION_COUNTS, lesion_voxels)}}
+
+
+#: The lesion voxel counts :func:`evaluate_checkpoint` reports: precision is found / predicted, recall found / true.
+LESION_COUNTS = ("found", "predicted", "true")
+
+
+def precision_recall(metrics: dict[str, Any], prefix: str = "") -> tuple[float | None, float | None]:
+    """Lesion precision and recall from ``metrics``' (``prefix``ed) voxel counts, pooled over whatever the counts
+    were summed or averaged over; None where nothing was predicted (or there was nothing to find)."""
+    found, predicted, true = (metrics[f"{prefix}lesion_voxels_{name}"] for name in LESION_COUNTS)
+    return (found / predicted if predicted else None), (found / true if true else None)
+
+
+def format_precision_recall(metrics: dict[str, Any], prefix: str = "") -> str:
+    """``precision / recall`` to two places, "none predicted" for a model that never predicts a lesion."""
+    if f"{prefix}lesion_voxels_found" not in metrics:  # results written before the counts were measured
+        return ""
+    precision, recall = precision_recall(metrics, prefix)
+    recall_text = "-" if recall is None else f"{recall:.2f}"
+    return "none predicted" if precision is None else f"{precision:.2f} / {recall_text}"
 
 
 def lesion_voxel_counts(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -333,9 +351,6 @@ def markdown_table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> s
         iv = row["intervals"][key]
         return f"{iv['mean']:.3f} ± {iv['ci95']:.3f}"
 
-    def lesion_hits(row: dict[str, Any]) -> str:  # results written before these two were measured lack them
-        return (f"{row['lesion_precision']:.2f} / {row['lesion_recall']:.2f}" if "lesion_precision" in row else "")
-
     lines = ["| method | liver Dice global | lesion Dice global | liver per case | lesion per case | burden RMSE "
              "| foreign liver | foreign lesion | independent liver | independent lesion | × full (liver / lesion) "
              "| lesion precision / recall | pseudo-label Dice (liver / lesion) | s / run |", "|" + "---|" * 14]
@@ -348,8 +363,8 @@ def markdown_table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> s
                      f"| {cell(row, 'liver_dice_per_case')} | {cell(row, 'lesion_dice_per_case')} "
                      f"| {cell(row, 'tumour_burden_rmse')} | {cell(row, 'foreign_liver_dice_global')} "
                      f"| {cell(row, 'foreign_lesion_dice_global')} | {cell(row, 'independent_liver_dice_global')} "
-                     f"| {cell(row, 'independent_lesion_dice_global')} | {ratio} | {lesion_hits(row)} | {pseudo} "
-                     f"| {row['seconds_mean']:.0f} |")
+                     f"| {cell(row, 'independent_lesion_dice_global')} | {ratio} | {format_precision_recall(row)} "
+                     f"| {pseudo} | {row['seconds_mean']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

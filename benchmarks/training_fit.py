@@ -10,7 +10,8 @@ through the benchmark's own path (client pre-processing, whole slices, labels re
 * **weak**: its weak training cases, against the masks the run never saw (how far its boxes took it);
 * **test**: the work folder's own held-out test set.
 
-Per row and set: Dice global (liver, lesion) and lesion precision / recall, means over the row's seeds.
+Per row and set: Dice global (liver, lesion) and the lesion voxels found / predicted / true, means over the
+row's seeds; the table shows precision and recall pooled over them.
 
 Usage: python benchmarks/training_fit.py --work /tmp/msb [--rows full teacher-student ...]
        [--out benchmarks/results/training_fit]
@@ -28,9 +29,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from mixed_supervision import (  # noqa: E402
+    LESION_COUNTS,
     PRESETS,
     ROWS,
     evaluate_checkpoint,
+    format_precision_recall,
     own_test_set,
     run_prefix,
     test_case,
@@ -41,7 +44,7 @@ from mixsup.scan import read_nifti  # noqa: E402
 from mixsup.training.data.manifest import STRONG, WEAK, load_dataset  # noqa: E402
 
 SETS = ("strong", "weak", "test")
-METRICS = ("liver_dice_global", "lesion_dice_global", "lesion_precision", "lesion_recall")
+METRICS = ("liver_dice_global", "lesion_dice_global", *(f"lesion_voxels_{name}" for name in LESION_COUNTS))
 
 
 def training_cases(run: Path, pool: Path, validation_cases: int) -> dict[str, list[str]]:
@@ -80,8 +83,7 @@ def markdown(results: dict) -> str:
              + " |", "|---" * (len(SETS) + 1) + "|"]
     for method, row in results["rows"].items():
         cells = [(f"{row[name]['liver_dice_global']:.3f} / {row[name]['lesion_dice_global']:.3f}, "
-                  f"{row[name]['lesion_precision']:.2f} / {row[name]['lesion_recall']:.2f}") if name in row else ""
-                 for name in SETS]
+                  f"{format_precision_recall(row[name])}") if name in row else "" for name in SETS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
