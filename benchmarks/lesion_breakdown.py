@@ -16,7 +16,6 @@ Usage: python benchmarks/lesion_breakdown.py --work /tmp/msb_long [--rows full t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,9 +24,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from mixed_supervision import PRESETS, ROWS, own_test_set, run_prefix, segment_cases  # noqa: E402
+from mixed_supervision import (  # noqa: E402
+    PRESETS,
+    ROWS,
+    own_test_set,
+    preset_contract,
+    report,
+    score_kept_rows,
+    segment_cases,
+)
 
-from mixsup.contract import ModelContract  # noqa: E402
 from mixsup.scan import read_nifti  # noqa: E402
 from mixsup.training.data.manifest import load_dataset  # noqa: E402
 
@@ -97,24 +103,13 @@ def main(argv: list[str] | None = None) -> None:
                         default=["strong-only", "full", "teacher-student", "teacher-student + Dice"])
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
-    train = PRESETS[args.preset].train
-    contract = ModelContract(patch_size=(train["patch_size"],) * 2, spacing_mm=tuple(train["spacing_mm"]))
     test = args.work / "test"
-    cases = own_test_set(test, contract)
+    cases = own_test_set(test, preset_contract(PRESETS[args.preset]))
     # own_test_set reads the manifest's cases in order; their instance maps are listed beside them.
     instances = [read_nifti(case.path(case.instances)).voxels.astype(np.int64) for case in load_dataset(test).cases]
-    results: dict = {"work": str(args.work), "test_cases": len(cases), "bin_edges_ml": list(BIN_EDGES_ML), "rows": {}}
-    for method in args.rows:
-        runs = sorted(p for p in (args.work / "runs").glob(f"{run_prefix(method)}-seed*") if (p / "best.pt").is_file())
-        if runs:
-            results["rows"][method] = row_breakdown(runs, cases, instances)
-            print(method, json.dumps(results["rows"][method]), flush=True)
-    text = markdown(results)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(text)
+    rows = score_kept_rows(args.work, args.rows, lambda runs: row_breakdown(runs, cases, instances))
+    results = {"work": str(args.work), "test_cases": len(cases), "bin_edges_ml": list(BIN_EDGES_ML), "rows": rows}
+    report(results, markdown(results), args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Usage: python benchmarks/training_fit.py --work /tmp/msb [--rows full teacher-st
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,7 +34,9 @@ from mixed_supervision import (  # noqa: E402
     evaluate_checkpoint,
     format_precision_recall,
     own_test_set,
-    run_prefix,
+    preset_contract,
+    report,
+    score_kept_rows,
     test_case,
 )
 
@@ -97,22 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    contract = ModelContract(patch_size=(preset.train["patch_size"],) * 2,
-                             spacing_mm=tuple(preset.train["spacing_mm"]))
+    contract = preset_contract(preset)
     pool = args.work / "pool"
     everything, test = pool_cases(pool, contract), own_test_set(args.work / "test", contract)
-    results: dict = {"work": str(args.work), "rows": {}}
-    for method in args.rows:
-        runs = sorted(p for p in (args.work / "runs").glob(f"{run_prefix(method)}-seed*") if (p / "best.pt").is_file())
-        if runs:
-            results["rows"][method] = row_fit(runs, pool, everything, test, preset.train["validation_cases"])
-            print(method, json.dumps(results["rows"][method]), flush=True)
-    text = markdown(results)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(text)
+    validation_cases = preset.train["validation_cases"]
+    rows = score_kept_rows(args.work, args.rows, lambda runs: row_fit(runs, pool, everything, test, validation_cases))
+    results = {"work": str(args.work), "rows": rows}
+    report(results, markdown(results), args.out)
 
 
 if __name__ == "__main__":
