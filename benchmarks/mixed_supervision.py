@@ -138,35 +138,6 @@ def run_prefix(method: str) -> str:
     return method.replace(" + ", "_plus_").replace(" ", "_").replace(":", "-")
 
 
-def kept_runs(work: Path, method: str) -> list[Path]:
-    """A row's finished runs (those with a ``best.pt``) under ``WORK/runs``, by seed: what the scripts that read
-    a ``--work`` folder score."""
-    return sorted(p for p in (work / "runs").glob(f"{run_prefix(method)}-seed*") if (p / "best.pt").is_file())
-
-
-def preset_contract(preset: Preset) -> ModelContract:
-    """The contract (patch size, spacing) of a preset's networks: how the held-out scans are brought to them."""
-    return ModelContract(patch_size=(preset.train["patch_size"],) * 2, spacing_mm=tuple(preset.train["spacing_mm"]))
-
-
-def score_kept_rows(work: Path, methods: Sequence[str], score: Callable[[list[Path]], dict]) -> dict[str, dict]:
-    """``score(runs)`` of each of ``methods`` that has kept runs in ``work``, each printed as it comes."""
-    rows = {}
-    for method in methods:
-        runs = kept_runs(work, method)
-        if runs:
-            rows[method] = score(runs)
-            print(method, json.dumps(rows[method]), flush=True)
-    return rows
-
-
-def report(results: dict[str, Any], table: str, out: Path | None) -> None:
-    """Print a script's ``table``; with ``out``, also write ``OUT.json`` (``results``) and ``OUT.md`` (the table)."""
-    print(table)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-        out.with_suffix(".md").write_text(table)
 #: Seconds of a training step relative to the U-Net's (measured at the cpu preset), for scheduling only.
 RELATIVE_COST = {"unet": 1.0, "teacher-student": 2.2, "lazy": 2.1, "asdnet": 3.9, "msdn": 6.0}
 SWEEP = ["teacher-student 10:80", "teacher-student", "teacher-student 50:40", "teacher-student 90:0"]
@@ -471,6 +442,38 @@ def with_overrides(preset: Preset, assignments: Sequence[str]) -> Preset:
         except json.JSONDecodeError:
             train[key] = raw
     return replace(preset, train=train)
+
+
+# ------------------------------------------------------------------------ scripts reading a --work folder
+def kept_runs(work: Path, method: str) -> list[Path]:
+    """A row's finished runs (those with a ``best.pt``) under ``WORK/runs``, by seed: what the scripts that read
+    a ``--work`` folder score."""
+    return sorted(p for p in (work / "runs").glob(f"{run_prefix(method)}-seed*") if (p / "best.pt").is_file())
+
+
+def preset_contract(preset: Preset) -> ModelContract:
+    """The contract (patch size, spacing) of a preset's networks: how the held-out scans are brought to them."""
+    return ModelContract(patch_size=(preset.train["patch_size"],) * 2, spacing_mm=tuple(preset.train["spacing_mm"]))
+
+
+def score_kept_rows(work: Path, methods: Sequence[str], score: Callable[[list[Path]], dict]) -> dict[str, dict]:
+    """``score(runs)`` of each of ``methods`` that has kept runs in ``work``, each printed as it comes."""
+    rows = {}
+    for method in methods:
+        runs = kept_runs(work, method)
+        if runs:
+            rows[method] = score(runs)
+            print(method, json.dumps(rows[method]), flush=True)
+    return rows
+
+
+def report(results: dict[str, Any], table: str, out: Path | None) -> None:
+    """Print a script's ``table``; with ``out``, also write ``OUT.json`` (``results``) and ``OUT.md`` (the table)."""
+    print(table)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        out.with_suffix(".md").write_text(table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,11 +37,8 @@ from mixed_supervision import (  # noqa: E402
     preset_contract,
     report,
     score_kept_rows,
-    test_case,
 )
 
-from mixsup.contract import ModelContract  # noqa: E402
-from mixsup.scan import read_nifti  # noqa: E402
 from mixsup.training.data.manifest import STRONG, WEAK, load_dataset  # noqa: E402
 
 SETS = ("strong", "weak", "test")
@@ -54,15 +51,6 @@ def training_cases(run: Path, pool: Path, validation_cases: int) -> dict[str, li
     cases = load_dataset(pool / f"manifest-{run.name}.json").cases
     strong = [c.case for c in cases if c.supervision == STRONG]
     return {"strong": strong[:len(strong) - validation_cases], "weak": [c.case for c in cases if c.supervision == WEAK]}
-
-
-def pool_cases(pool: Path, contract: ModelContract) -> dict[str, object]:
-    """Every pool case on the model grid with its mask (weak cases included: the pool keeps them all)."""
-    out = {}
-    for case in load_dataset(pool).cases:
-        truth = read_nifti(case.path(case.segmentation)).voxels.astype(np.uint8)
-        out[case.case] = test_case(read_nifti(case.path(case.volume)), truth, contract)
-    return out
 
 
 def row_fit(runs: list[Path], pool: Path, everything: dict[str, object], test: list, validation_cases: int) -> dict:
@@ -100,7 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     preset = PRESETS[args.preset]
     contract = preset_contract(preset)
     pool = args.work / "pool"
-    everything, test = pool_cases(pool, contract), own_test_set(args.work / "test", contract)
+    # Every pool case with its mask, weak ones included (the pool keeps them all), by id: own_test_set reads the
+    # manifest's cases in order.
+    everything = dict(zip((case.case for case in load_dataset(pool).cases), own_test_set(pool, contract)))
+    test = own_test_set(args.work / "test", contract)
     validation_cases = preset.train["validation_cases"]
     rows = score_kept_rows(args.work, args.rows, lambda runs: row_fit(runs, pool, everything, test, validation_cases))
     results = {"work": str(args.work), "rows": rows}
