@@ -8,7 +8,8 @@ pre-processing, whole slices, labels restored, post-processing). Per row, summed
 
 * per size bin of true lesions (mL): how many there are, the share **detected** (any predicted lesion voxel on
   it) and the share of their voxels **covered**;
-* **false lesion** mL per case: predicted lesion voxels on no true lesion.
+* **false lesion** mL per case: predicted lesion voxels on no true lesion, and the share of it lying outside the
+  true liver (lesion painted into tissue the model took for liver: a liver error, not a lesion-appearance one).
 
 Usage: python benchmarks/lesion_breakdown.py --work /tmp/msb_long [--rows full teacher-student ...]
        [--out benchmarks/results/long_schedule/lesion_breakdown]
@@ -46,9 +47,10 @@ def bin_names(edges: tuple[float, ...] = BIN_EDGES_ML) -> list[str]:
     return [f"{low:g}-{high:g} mL" for low, high in zip(lows, edges)] + [f">{edges[-1]:g} mL"]
 
 
-def lesion_outcomes(predicted: np.ndarray, instances: np.ndarray, voxel_ml: float,
+def lesion_outcomes(predicted: np.ndarray, instances: np.ndarray, organ: np.ndarray, voxel_ml: float,
                     edges: tuple[float, ...] = BIN_EDGES_ML) -> dict[str, np.ndarray | float]:
-    """Per size bin: true lesions, detected ones, their voxels and the covered voxels; and false lesion mL.
+    """Per size bin: true lesions, detected ones, their voxels and the covered voxels; false lesion mL, all of
+    it and the part outside the true ``organ`` (liver or lesion).
 
     ``predicted`` holds labels (2 = lesion), ``instances`` the true lesion ids (0 = none), on one grid.
     """
@@ -62,35 +64,39 @@ def lesion_outcomes(predicted: np.ndarray, instances: np.ndarray, voxel_ml: floa
     np.add.at(voxels, bins, sizes)
     np.add.at(covered, bins, hits)
     return {"lesions": count, "detected": found, "voxels": voxels, "covered": covered,
-            "false_ml": float(np.count_nonzero(lesion & (instances == 0)) * voxel_ml)}
+            "false_ml": float(np.count_nonzero(lesion & (instances == 0)) * voxel_ml),
+            "false_outside_ml": float(np.count_nonzero(lesion & ~organ) * voxel_ml)}
 
 
 def row_breakdown(run_dirs: list[Path], cases, instances: list[np.ndarray]) -> dict:
     """Outcomes of every run in ``run_dirs`` on every case, summed."""
     totals = {key: np.zeros(len(BIN_EDGES_ML) + 1) for key in ("lesions", "detected", "voxels", "covered")}
-    false_ml = []
+    false_ml, outside_ml = [], []
     for run in run_dirs:
         for case, truth_ids, predicted in zip(cases, instances, segment_cases(run / "best.pt", cases)):
-            outcome = lesion_outcomes(predicted, truth_ids, case.voxel_ml)
+            outcome = lesion_outcomes(predicted, truth_ids, case.truth > 0, case.voxel_ml)
             for key in totals:
                 totals[key] += outcome[key]
             false_ml.append(outcome["false_ml"])
+            outside_ml.append(outcome["false_outside_ml"])
     with np.errstate(invalid="ignore", divide="ignore"):
         detected = totals["detected"] / totals["lesions"]
         covered = totals["covered"] / totals["voxels"]
     return {"runs": [run.name for run in run_dirs],
             "bins": {name: {"lesions": int(n), "detected": round(float(d), 3), "voxels_covered": round(float(c), 3)}
                      for name, n, d, c in zip(bin_names(), totals["lesions"], detected, covered)},
-            "false_lesion_ml_per_case": round(float(np.mean(false_ml)), 2)}
+            "false_lesion_ml_per_case": round(float(np.mean(false_ml)), 2),
+            "false_lesion_outside_liver_share": round(float(np.sum(outside_ml) / max(np.sum(false_ml), 1e-9)), 3)}
 
 
 def markdown(results: dict) -> str:
     names = bin_names()
     lines = ["| method | " + " | ".join(f"{n}: detected / voxels covered" for n in names)
-             + " | false lesion mL per case |", "|---" * (len(names) + 2) + "|"]
+             + " | false lesion mL per case | of it outside the liver |", "|---" * (len(names) + 3) + "|"]
     for method, row in results["rows"].items():
         cells = [f"{row['bins'][n]['detected']:.2f} / {row['bins'][n]['voxels_covered']:.2f}" for n in names]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['false_lesion_ml_per_case']:.2f} |")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['false_lesion_ml_per_case']:.2f} | "
+                     f"{row['false_lesion_outside_liver_share']:.0%} |")
     counts = ", ".join(f"{n}: {next(iter(results['rows'].values()))['bins'][n]['lesions']}" for n in names)
     return "\n".join(lines) + f"\n\nTrue lesions per bin, summed over the runs of a row: {counts}.\n"
 

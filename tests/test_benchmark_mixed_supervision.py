@@ -102,9 +102,14 @@ def test_lesion_breakdown_counts_found_covered_and_false_lesion(benchmark_module
     predicted[1, :5, :5] = 2            # half of lesion 2
     predicted[3, 0, 9] = 2              # one false lesion voxel
     predicted[0, :2, :2] = 1            # lesion 1 called liver: missed
-    outcome = breakdown.lesion_outcomes(predicted, instances, voxel_ml=0.1)
+    organ = instances > 0
+    organ[3, :, :9] = True              # liver around lesion 3, up to the false voxel's column (exclusive)
+    outcome = breakdown.lesion_outcomes(predicted, instances, organ, voxel_ml=0.1)
     assert outcome["lesions"].tolist() == [1, 0, 2, 0]
     assert outcome["detected"].tolist() == [0, 0, 1, 0]
     assert outcome["voxels"].tolist() == [4, 0, 75, 0] and outcome["covered"].tolist() == [0, 0, 25, 0]
     assert outcome["false_ml"] == pytest.approx(0.1)
+    assert outcome["false_outside_ml"] == pytest.approx(0.1)  # (3, 0, 9) lies outside the organ
+    organ[3, 0, 9] = True
+    assert breakdown.lesion_outcomes(predicted, instances, organ, voxel_ml=0.1)["false_outside_ml"] == 0.0
     assert breakdown.bin_names() == ["0-0.5 mL", "0.5-2 mL", "2-8 mL", ">8 mL"]
