@@ -35,6 +35,7 @@ from mixsup.training.data.dataset import (
     Volume,
     load_volume,
 )
+from mixsup.training.data.lesion_synthesis import LesionSynthesis
 from mixsup.training.data.manifest import Manifest, find_mask, load_case
 from mixsup.training.precision import autocast, prepare_modules, resolve_precision
 from mixsup.training.recipes.base import STRONG, Recipe
@@ -59,6 +60,9 @@ class TrainConfig:
     #: crops of liver-free slices) was measured and not kept: lesions fell in the recipes benchmark and the
     #: bundled model's false liver on those slices did not (benchmarks/results/foreground_fraction_0.5).
     foreground_fraction: float = 0.8
+    #: Share of strong crops that get 1-3 synthetic lesions pasted into their liver (training.data.lesion_synthesis):
+    #: lesions no run can memorise.
+    synthetic_lesions: float = 0.0
     epochs: int = 30
     iterations_per_epoch: int = 50
     learning_rate: float = 2e-3
@@ -464,8 +468,9 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                 optimizer.load_state_dict(resumed["optimizers"][name])
                 schedulers[name].load_state_dict(resumed["schedulers"][name])
         sizes = {kind: n for kind, n in recipe.batch_sizes(stage, config).items() if volumes_by_kind.get(kind)}
+        synthesis = LesionSynthesis(probability=config.synthetic_lesions)
         samplers = {kind: SliceSampler(volumes_by_kind[kind], crop=config.crop, augmentation=Augmentation(),
-                                           foreground_fraction=config.foreground_fraction)
+                                       foreground_fraction=config.foreground_fraction, lesion_synthesis=synthesis)
                     for kind in sizes}
         validator = recipe.validation_network(stage, modules)
 

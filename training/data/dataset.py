@@ -18,6 +18,7 @@ from mixsup.resample import inplane_shape, resample_inplane
 from mixsup.scan import to_int16_hu
 from mixsup.stacks import AIR_HU, slice_stack_indices
 from mixsup.training.data.boxes import Box, boxes_to_mask
+from mixsup.training.data.lesion_synthesis import LesionSynthesis, Stack, paste_lesions
 from mixsup.training.data.manifest import Case, case_boxes, read_case
 from mixsup.training.data.phantoms import LESION, LIVER
 from mixsup.training.recipes.base import LESION_BOX, STRONG, UNLABELED, Batch
@@ -30,7 +31,8 @@ class Volume:
     ``hu`` int16 [D,H,W]; ``labels`` uint8 [D,H,W] for strong cases, else None; ``boxes`` uint8 [2,D,H,W]
     filled organ-box and lesion-box masks (zeros where a case has no boxes); ``soft_labels`` float16 [C,D,H,W]
     pseudo-labels a previous stage wrote, else None; ``instances`` int32 [D,H,W] lesion instance ids (0 elsewhere)
-    beside ``labels``, so touching lesions stay apart, else None; ``sample_slices`` the slices worth sampling more often
+    beside ``labels``, so touching lesions stay apart, else None; ``spacing`` the arrays' voxel size (mm, z y x);
+    ``sample_slices`` the slices worth sampling more often
     (those with organ or boxes).
     """
 
@@ -41,6 +43,7 @@ class Volume:
     case: str = ""
     soft_labels: np.ndarray | None = None
     instances: np.ndarray | None = None
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     sample_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     lesion_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
@@ -84,7 +87,7 @@ def load_volume(case: Case, spacing_mm: Sequence[float]) -> Volume:
     hu = to_int16_hu(resample_inplane(hu.astype(np.float32), out_hw, order=1))
     labels, instances = (None if a is None else resample_inplane(a, out_hw, order=0) for a in (labels, instances))
     return Volume(hu=hu, labels=labels, boxes=resample_inplane(masks, out_hw, order=0), kind=kind, case=case.case,
-                  instances=instances)
+                  instances=instances, spacing=(float(spacing[0]), *map(float, spacing_mm)))
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ class SliceSampler:
     foreground_fraction: float = 0.8
     lesion_fraction: float = 1.0 / 3.0
     augmentation: Augmentation = field(default_factory=Augmentation)
+    lesion_synthesis: LesionSynthesis = field(default_factory=LesionSynthesis)
 
     def _center(self, volume: Volume, rng: np.random.Generator) -> tuple[int, tuple[float, float]]:
         depth, height, width = volume.hu.shape
@@ -181,6 +185,19 @@ class SliceSampler:
             draw = rng.random()
         return int(rng.integers(depth)), (rng.uniform(0, height), rng.uniform(0, width))
 
+    def _stack(self, volume: Volume, z: int, indices: np.ndarray, center: tuple[float, float],
+               rng: np.random.Generator) -> Stack:
+        """The unwarped sample around slice ``z``: image, labels, boxes, instances; synthetic lesions pasted into
+        a strong volume's liver at ``lesion_synthesis.probability`` (the draw is skipped when it is 0, so runs
+        without it keep their random stream)."""
+        stack = Stack(volume.hu[indices].astype(np.float32), None if volume.labels is None else volume.labels[indices],
+                      volume.boxes[:, z], None if volume.instances is None else volume.instances[z])
+        synthesis = self.lesion_synthesis
+        if stack.labels is None or synthesis.probability <= 0 or rng.random() >= synthesis.probability:
+            return stack
+        offsets_mm = (np.asarray(indices) - z) * volume.spacing[0]
+        return paste_lesions(stack, center, self.crop * 0.4, offsets_mm, volume.spacing[1:], rng, synthesis)
+
     def sample(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         volume = self.volumes[rng.integers(len(self.volumes))]
         z, center = self._center(volume, rng)
@@ -188,13 +205,15 @@ class SliceSampler:
         if rng.random() < self.augmentation.reverse_slices:
             indices = indices[::-1]
         transform = random_crop_transform(center, self.crop, rng, self.augmentation)
-        image = warp_channels(volume.hu[indices].astype(np.float32), transform, self.crop, 1, AIR_HU)
+        stack = self._stack(volume, z, indices, center, rng)
+        image = warp_channels(stack.hu, transform, self.crop, 1, AIR_HU)
         crop = {"images": perturb_intensity(image, rng, self.augmentation),
-                "boxes": warp_channels(volume.boxes[:, z], transform, self.crop, 0, 0)}
-        if volume.labels is not None:
-            crop["labels"] = warp_channels(volume.labels[z][None], transform, self.crop, 0, 0, np.uint8)[0]
-        if volume.instances is not None:
-            crop["instances"] = warp_channels(volume.instances[z][None], transform, self.crop, 0, 0, np.int32)[0]
+                "boxes": warp_channels(stack.boxes, transform, self.crop, 0, 0)}
+        if stack.labels is not None:
+            centre = len(indices) // 2
+            crop["labels"] = warp_channels(stack.labels[centre][None], transform, self.crop, 0, 0, np.uint8)[0]
+        if stack.instances is not None:
+            crop["instances"] = warp_channels(stack.instances[None], transform, self.crop, 0, 0, np.int32)[0]
         if volume.soft_labels is not None:
             soft = warp_channels(volume.soft_labels[:, z].astype(np.float32), transform, self.crop, 1, 0)
             soft[0] += 1.0 - soft.sum(axis=0)  # outside the scan is background; keeps each pixel summing to 1
