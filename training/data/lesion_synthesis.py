@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from mixsup.training.data.phantoms import LESION, LIVER
+from mixsup.training.recipes.base import LESION_BOX
 
 #: Darkest a hypodense lesion is drawn (a cyst, water), whatever the liver's HU.
 FLOOR_HU = -10.0
@@ -119,7 +120,7 @@ def paste_lesions(stack: Stack, centre_yx: Sequence[float], reach_px: float, off
             continue
         labels[centre, y0:y1, x0:x1][lesion] = LESION
         rows, cols = np.nonzero(lesion)
-        boxes[1, y0 + rows.min(): y0 + rows.max() + 1, x0 + cols.min(): x0 + cols.max() + 1] = 1
+        boxes[LESION_BOX, y0 + rows.min(): y0 + rows.max() + 1, x0 + cols.min(): x0 + cols.max() + 1] = 1
         if instances is not None:
             instances[y0:y1, x0:x1][lesion] = int(instances.max()) + 1
     return Stack(hu, labels, boxes, instances)
