@@ -476,7 +476,16 @@ def report(results: dict[str, Any], table: str, out: Path | None) -> None:
         out.with_suffix(".md").write_text(table)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def results_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """Where the reports go without ``--results``: the committed folder only for the table the README's command
+    makes (every row, default preset, seeds and settings), so a partial or modified run never overwrites it."""
+    defaults = {name: parser.get_default(name) for name in ("preset", "seeds", "sweep_seeds", "rows", "overrides")}
+    if all(getattr(args, name) == value for name, value in defaults.items()) and args.device in (None, "cpu"):
+        return RESULTS
+    return (args.work or Path.cwd()) / ("results" if args.work else "mixed_supervision_results")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="alias of --preset")
@@ -487,8 +496,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training setting of the preset (JSON value), e.g. --set epochs=40")
     parser.add_argument("--work", type=Path, help="keep phantoms and runs here; a rerun skips finished runs")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the json/md/png go")
+    parser.add_argument("--results", type=Path,
+                        help="where the json/md/png go (default: benchmarks/results for the default table, else "
+                             "WORK/results or ./mixed_supervision_results)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.results = args.results or results_folder(parser, args)
     preset = with_overrides(PRESETS[args.device or args.preset], args.overrides)
     rows = [r for r in ROWS if not args.rows or r.method in args.rows]
     started = time.perf_counter()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +65,21 @@ def test_precision_and_recall_come_from_pooled_counts(benchmark):
     assert benchmark.format_precision_recall(row) == "0.25 / 0.50"
     assert benchmark.precision_recall(row, "foreign_") == (None, 0.0)
     assert benchmark.format_precision_recall(row, "foreign_") == "none predicted"
+
+
+def test_only_the_default_table_goes_to_the_committed_results(benchmark, tmp_path):
+    """A partial or modified run (rows, seeds, settings, preset) must not overwrite the committed table."""
+    parser = benchmark.build_parser()
+
+    def folder(*argv: str):
+        return benchmark.results_folder(parser, parser.parse_args(list(argv)))
+
+    assert folder() == benchmark.RESULTS
+    assert folder("--work", str(tmp_path)) == benchmark.RESULTS
+    assert folder("--rows", "full", "--work", str(tmp_path)) == tmp_path / "results"
+    assert folder("--set", "epochs=100") == Path.cwd() / "mixed_supervision_results"
+    for argv in (["--seeds", "0"], ["--sweep-seeds", "0", "1"], ["--device", "cuda"], ["--preset", "smoke"]):
+        assert folder(*argv) != benchmark.RESULTS, argv
 
 
 def test_smoke_preset_writes_rows_table_and_plots(benchmark, benchmark_module, tmp_path):
