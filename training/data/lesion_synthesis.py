@@ -20,7 +20,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from scipy import ndimage
 
-from mixsup.training.data.phantoms import LESION, LIVER
+from mixsup.training.data.phantoms import LESION, LIVER, rotated_ellipsoid_level
 from mixsup.training.recipes.base import LESION_BOX
 
 #: Darkest a hypodense lesion is drawn (a cyst, water), whatever the liver's HU.
@@ -60,11 +60,9 @@ def lesion_level(offsets_mm: tuple[np.ndarray, np.ndarray, np.ndarray], radii_mm
                  wobble: np.ndarray) -> np.ndarray:
     """Normalised radius (``1`` on the surface) of an ellipsoid turned by ``angle`` in-plane, its surface pushed
     in and out by ``wobble`` (a smooth field, fraction of the radius)."""
-    dz, dy, dx = offsets_mm
     cos, sin = np.cos(angle), np.sin(angle)
-    u = (cos * dy + sin * dx) / radii_mm[1]
-    v = (-sin * dy + cos * dx) / radii_mm[2]
-    return np.sqrt((dz / radii_mm[0]) ** 2 + u * u + v * v) * (1.0 + wobble)
+    in_plane = np.array([[1.0, 0.0, 0.0], [0.0, cos, sin], [0.0, -sin, cos]])
+    return np.sqrt(rotated_ellipsoid_level(offsets_mm, tuple(radii_mm), in_plane)) * (1.0 + wobble)
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control: int) -> np.ndarray:
