@@ -16,7 +16,6 @@ Usage: python benchmarks/lesion_breakdown.py --work /tmp/msb_long [--rows full t
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,12 +26,12 @@ sys.path.insert(0, str(HERE))
 
 from mixed_supervision import (  # noqa: E402
     PRESETS,
-    ROWS,
     own_test_set,
     preset_contract,
     report,
     score_kept_rows,
     segment_cases,
+    work_folder_parser,
 )
 
 from mixsup.scan import read_nifti  # noqa: E402
@@ -102,12 +101,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True, help="the --work folder of mixed_supervision.py")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the preset those runs used")
-    parser.add_argument("--rows", nargs="+", choices=[r.method for r in ROWS],
-                        default=["strong-only", "full", "teacher-student", "teacher-student + Dice"])
-    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser = work_folder_parser(__doc__, ["strong-only", "full", "teacher-student", "teacher-student + Dice"])
     args = parser.parse_args(argv)
     test = args.work / "test"
     cases = own_test_set(test, preset_contract(PRESETS[args.preset]))

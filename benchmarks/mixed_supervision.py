@@ -456,6 +456,17 @@ def preset_contract(preset: Preset) -> ModelContract:
     return ModelContract(patch_size=(preset.train["patch_size"],) * 2, spacing_mm=tuple(preset.train["spacing_mm"]))
 
 
+def work_folder_parser(description: str, default_rows: Sequence[str]) -> argparse.ArgumentParser:
+    """The command line the scripts reading a ``--work`` folder share: ``--work``, ``--preset``, ``--rows``
+    (``default_rows`` unless given) and ``--out``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="the --work folder of mixed_supervision.py")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the preset those runs used")
+    parser.add_argument("--rows", nargs="+", choices=[r.method for r in ROWS], default=list(default_rows))
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    return parser
+
+
 def score_kept_rows(work: Path, methods: Sequence[str], score: Callable[[list[Path]], dict]) -> dict[str, dict]:
     """``score(runs)`` of each of ``methods`` that has kept runs in ``work``, each printed as it comes."""
     rows = {}

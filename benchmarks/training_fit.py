@@ -18,7 +18,6 @@ Usage: python benchmarks/training_fit.py --work /tmp/msb [--rows full teacher-st
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,13 +29,13 @@ sys.path.insert(0, str(HERE))
 from mixed_supervision import (  # noqa: E402
     LESION_COUNTS,
     PRESETS,
-    ROWS,
     evaluate_checkpoint,
     format_precision_recall,
     own_test_set,
     preset_contract,
     report,
     score_kept_rows,
+    work_folder_parser,
 )
 
 from mixsup.training.data.manifest import STRONG, WEAK, load_dataset  # noqa: E402
@@ -78,12 +77,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True, help="the --work folder of mixed_supervision.py")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the preset those runs used")
-    parser.add_argument("--rows", nargs="+", choices=[r.method for r in ROWS],
-                        default=["strong-only", "full", "teacher-student", "msdn", "lazy", "asdnet"])
-    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser = work_folder_parser(__doc__, ["strong-only", "full", "teacher-student", "msdn", "lazy", "asdnet"])
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     contract = preset_contract(preset)
