@@ -55,12 +55,12 @@ def test_hypodense_lesions_are_darker_than_the_liver_and_never_below_water():
 
 def test_no_liver_near_the_crop_means_no_lesion():
     stack = liver_stack()
-    far = paste_lesions(stack, (40.0, 40.0), 30.0, np.array([-2.0, 0.0, 2.0]), (1.0, 1.0),
+    with_liver = paste_lesions(stack, (40.0, 40.0), 30.0, np.array([-2.0, 0.0, 2.0]), (1.0, 1.0),
                         np.random.default_rng(0), LesionSynthesis(probability=1.0))
     empty = Stack(stack.hu, np.zeros_like(stack.labels), stack.boxes, stack.instances)
     assert paste_lesions(empty, (40.0, 40.0), 30.0, np.array([-2.0, 0.0, 2.0]), (1.0, 1.0),
                          np.random.default_rng(0), LesionSynthesis(probability=1.0)) is empty
-    assert (far.labels == LESION).any()
+    assert (with_liver.labels == LESION).any()
 
 
 def strong_volume() -> Volume:
