@@ -50,7 +50,8 @@ def step_seconds(scan_path: Path, network_dir: Path, out: Path) -> dict[str, flo
         volume, restore = timed("pre-process", lambda: prepare_volume(scan, contract))
         probabilities = predict_volume_probabilities(
             volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], contract.patch_size,
-            num_classes=contract.num_classes, size_divisor=contract.size_divisor)
+            num_classes=contract.num_classes, context_slices=contract.context_slices,
+            size_divisor=contract.size_divisor)
         labels, _ = fuse_probabilities([probabilities], [1.0])
         labels = timed("restore labels", lambda: restore_labels(labels, restore, contract.num_classes))
         labels = timed("post-process", lambda: postprocess_labels(labels))

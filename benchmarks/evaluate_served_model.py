@@ -110,8 +110,8 @@ def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MA
     volume, restore = prepare_volume(scan, contract)
     probabilities = predict_volume_probabilities(
         volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], contract.patch_size,
-        overlap=0.25, batch_size=8, num_classes=contract.num_classes, max_slice=max_slice,
-        size_divisor=contract.size_divisor, body_margin=BODY_MARGIN if body_window else None)
+        overlap=0.25, batch_size=8, num_classes=contract.num_classes, context_slices=contract.context_slices,
+        max_slice=max_slice, size_divisor=contract.size_divisor, body_margin=BODY_MARGIN if body_window else None)
     labels, _ = fuse_probabilities([probabilities], [1.0])
     labels = restore_labels(labels, restore, contract.num_classes)
     return postprocess_labels(labels) if postprocess else labels

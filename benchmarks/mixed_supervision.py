@@ -252,14 +252,15 @@ def segment_cases(checkpoint: Path, cases: list[TestCase]) -> Iterator[np.ndarra
     post-processing, one case at a time."""
     import torch
 
-    from mixsup.training.trainer import load_checkpoint, network_from_checkpoint, predict_volume
+    from mixsup.training.trainer import TrainConfig, load_checkpoint, network_from_checkpoint, predict_volume
 
     payload = load_checkpoint(checkpoint)
     network = network_from_checkpoint(payload)
-    divisor = 2 ** int(payload["config"]["depth"])
+    config = TrainConfig.from_dict(payload["config"])
     for case in cases:
         with torch.inference_mode():
-            model_labels = predict_volume(network, case.hu, size_divisor=divisor)
+            model_labels = predict_volume(network, case.hu, context_slices=config.context_slices,
+                                          size_divisor=2**config.depth)
         yield postprocess_labels(restore_labels(model_labels, case.restore, 3))
 
 

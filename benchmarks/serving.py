@@ -165,8 +165,8 @@ def in_process_labels(volume: np.ndarray, session, contract: ModelContract, max_
                       body_window: bool = True) -> np.ndarray:
     probabilities = predict_volume_probabilities(
         volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], ROI, OVERLAP, BATCH,
-        num_classes=contract.num_classes, max_slice=max_slice, size_divisor=contract.size_divisor,
-        sigma_scale=SIGMA, body_margin=BODY_MARGIN if body_window else None)
+        num_classes=contract.num_classes, context_slices=contract.context_slices, max_slice=max_slice,
+        size_divisor=contract.size_divisor, sigma_scale=SIGMA, body_margin=BODY_MARGIN if body_window else None)
     return fuse_probabilities([probabilities], [1.0])[0]
 
 

@@ -55,6 +55,9 @@ class TrainConfig:
     spacing_mm: tuple[float, float] = (1.6, 1.6)
     crop: int = 128  # what the bundled model was trained with; a step costs (128/160)^2 of a 160 crop
     patch_size: int = 160
+    #: Neighbouring axial slices the network sees, centre slice included (odd): its z-context, written into the
+    #: model contract so that serving feeds the same stacks.
+    context_slices: int = 3
     batch_size: int = 16
     #: Of the crops not centred on a lesion, the share centred on the organ (the rest lie anywhere). 0.5 (more
     #: crops of liver-free slices) was measured and not kept: lesions fell in the recipes benchmark and the
@@ -76,6 +79,10 @@ class TrainConfig:
     precision: str = "auto"
     #: The recipe's own hyperparameters (its ``DEFAULTS`` overridden by the user).
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.context_slices < 1 or self.context_slices % 2 != 1:
+            raise InputError(f"config context_slices: need a positive odd number, got {self.context_slices}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
@@ -447,7 +454,7 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
     wrapped = distribute(modules, parallel)
     segmentation = recipe.segmentation_network(modules)
     contract = ModelContract(patch_size=(config.patch_size, config.patch_size), spacing_mm=config.spacing_mm,
-                             recipe=recipe.NAME)
+                             context_slices=config.context_slices, recipe=recipe.NAME)
     state = {"stage": 0, "epoch": 0, "best_score": -float("inf"), "history": []}
     if init_from is not None:
         load_initial_weights(modules, init_from, recipe.NAME)
@@ -470,7 +477,8 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                 schedulers[name].load_state_dict(resumed["schedulers"][name])
         sizes = {kind: n for kind, n in recipe.batch_sizes(stage, config).items() if volumes_by_kind.get(kind)}
         synthesis = LesionSynthesis(probability=config.synthetic_lesions)
-        samplers = {kind: SliceSampler(volumes_by_kind[kind], crop=config.crop, augmentation=Augmentation(),
+        samplers = {kind: SliceSampler(volumes_by_kind[kind], crop=config.crop, context_slices=config.context_slices,
+                                       augmentation=Augmentation(),
                                        foreground_fraction=config.foreground_fraction, lesion_synthesis=synthesis)
                     for kind in sizes}
         validator = recipe.validation_network(stage, modules)
@@ -498,7 +506,8 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                     module.eval()
                 scored = segmentation if validator is None else validator
                 pairs = [(predict_volume(scored, v.hu, None if validator is None else v.boxes,
-                                         size_divisor=2**config.depth, device=parallel.device), v.labels)
+                                         context_slices=config.context_slices, size_divisor=2**config.depth,
+                                         device=parallel.device), v.labels)
                          for v in validation]
                 scores = dice_scores(pairs) if pairs else {"dice_liver": float("nan"), "dice_lesion": float("nan")}
                 mean_losses = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}

@@ -57,7 +57,7 @@ from mixsup.training.losses import (
 )
 from mixsup.training.models.asdnet import ConfidenceNetwork, ConfidenceNetworkConfig
 from mixsup.training.models.unet import UNet, UNetConfig
-from mixsup.training.recipes.base import STRONG, UNLABELED, WEAK, Batch, Recipe
+from mixsup.training.recipes.base import STRONG, UNLABELED, WEAK, Batch, Recipe, network_size
 
 NAME = "asdnet"
 
@@ -163,7 +163,7 @@ class ASDNetRecipe(Recipe):
         return self.loss_weights(config).at_step(optimizer_steps(optimizer), total_steps)
 
     def build(self, config) -> nn.ModuleDict:
-        segmentation = UNet(UNetConfig(base_channels=config.base_channels, depth=config.depth))
+        segmentation = UNet(UNetConfig(**network_size(config)))
         confidence = ConfidenceNetwork(ConfidenceNetworkConfig(
             in_slices=segmentation.config.in_slices, num_classes=segmentation.config.num_classes,
             base_channels=config.base_channels, depth=config.depth, hu_window=segmentation.config.hu_window))

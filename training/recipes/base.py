@@ -123,3 +123,8 @@ def mixed_batch_sizes(batch_size: int, weak_fraction: float) -> dict[str, int]:
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper, or the module itself."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def network_size(config: "TrainConfig") -> dict[str, int]:
+    """The run settings every recipe's networks are built with: input stack depth, width and depth."""
+    return {"in_slices": config.context_slices, "base_channels": config.base_channels, "depth": config.depth}

@@ -83,6 +83,7 @@ from mixsup.training.recipes.base import (
     Batch,
     Recipe,
     mixed_batch_sizes,
+    network_size,
     unwrap,
 )
 
@@ -370,7 +371,7 @@ class LazyRecipe(Recipe):
         )
 
     def build(self, config: "TrainConfig") -> nn.ModuleDict:
-        network = MultiTaskUNet(MultiTaskUNetConfig(base_channels=config.base_channels, depth=config.depth))
+        network = MultiTaskUNet(MultiTaskUNetConfig(**network_size(config)))
         return nn.ModuleDict({"network": network})
 
     def batch_sizes(self, stage: str, config: "TrainConfig") -> dict[str, int]:

@@ -45,7 +45,7 @@ from mixsup.training.models.msdn import (
     encode_boxes,
     image_anchors,
 )
-from mixsup.training.recipes.base import STRONG, WEAK, Batch, Recipe, unwrap
+from mixsup.training.recipes.base import STRONG, WEAK, Batch, Recipe, network_size, unwrap
 
 NAME = "msdn"
 #: Classes of the segmentation Dice loss: background, liver, lesion (the paper counts background as a class).
@@ -144,7 +144,7 @@ class MSDNRecipe(Recipe):
         return LossSettings(**{key: float(self.option(config, key)) for key in names})
 
     def build(self, config) -> nn.ModuleDict:
-        network = MSDN(MSDNConfig(base_channels=config.base_channels, depth=config.depth,
+        network = MSDN(MSDNConfig(**network_size(config),
                                   detection_width=int(self.option(config, "detection_width")),
                                   dropout=float(self.option(config, "dropout"))))
         return nn.ModuleDict({"msdn": network})

@@ -42,6 +42,7 @@ from mixsup.training.recipes.base import (
     Batch,
     Recipe,
     mixed_batch_sizes,
+    network_size,
     unwrap,
 )
 
@@ -52,8 +53,8 @@ NAME = "teacher-student"
 
 
 def network_config(config: "TrainConfig") -> UNetConfig:
-    """Teacher and student share the baseline's size (``base_channels``, ``depth``)."""
-    return UNetConfig(base_channels=config.base_channels, depth=config.depth)
+    """Teacher and student share the baseline's size (``context_slices``, ``base_channels``, ``depth``)."""
+    return UNetConfig(**network_size(config))
 
 
 def localization_targets(boxes: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -69,14 +70,13 @@ def localization_targets(boxes: torch.Tensor, threshold: float = 0.5) -> torch.T
 
 
 @torch.no_grad()
-def pseudo_labels(teacher: nn.Module, hu: np.ndarray, boxes: np.ndarray, batch_slices: int = 8,
-                  context_slices: int = 3) -> np.ndarray:
+def pseudo_labels(teacher: nn.Module, hu: np.ndarray, boxes: np.ndarray, batch_slices: int = 8) -> np.ndarray:
     """Soft pseudo-labels of one case: the teacher's softmax, float16 [C, D, H, W], slice by slice.
 
     ``hu`` int16 [D, H, W] and ``boxes`` [2, D, H, W] (organ, lesion) are on the training grid. Each slice is
-    padded to a multiple of the teacher's ``size_divisor`` (air for HU, no box) and gets its 3-slice context with
-    edge slices replicated, as in training and serving. The teacher runs in eval mode on its own device and its
-    mode is restored afterwards.
+    padded to a multiple of the teacher's ``size_divisor`` (air for HU, no box) and gets the stack of neighbours
+    the teacher takes (``config.in_slices``), edge slices replicated, as in training and serving. The teacher runs in eval mode on
+    its own device and its mode is restored afterwards.
     """
     if hu.ndim != 3 or boxes.shape != (2, *hu.shape):
         raise ValueError(f"need hu [D, H, W] and boxes [2, D, H, W], got {hu.shape} and {boxes.shape}")
@@ -92,7 +92,7 @@ def pseudo_labels(teacher: nn.Module, hu: np.ndarray, boxes: np.ndarray, batch_s
         chunks = []
         for start in range(0, depth, batch_slices):
             centres = range(start, min(depth, start + batch_slices))
-            stacks = padded_hu[slice_stack_indices(depth, context_slices)[centres]]
+            stacks = padded_hu[slice_stack_indices(depth, teacher.config.in_slices)[centres]]
             box_masks = np.stack([padded_boxes[:, z] for z in centres])
             logits = teacher(torch.from_numpy(stacks).to(device), torch.from_numpy(box_masks).to(device))
             probabilities = torch.softmax(logits.float(), dim=1)[:, :, :height, :width]

@@ -9,7 +9,7 @@ from torch import nn
 
 from mixsup.training.losses import ce_dice_loss
 from mixsup.training.models.unet import UNet, UNetConfig
-from mixsup.training.recipes.base import STRONG, Batch, Recipe
+from mixsup.training.recipes.base import STRONG, Batch, Recipe, network_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from mixsup.training.trainer import TrainConfig
@@ -21,7 +21,7 @@ class UNetRecipe(Recipe):
     NAME = NAME
 
     def build(self, config) -> nn.ModuleDict:
-        return nn.ModuleDict({"segmentation": UNet(UNetConfig(base_channels=config.base_channels, depth=config.depth))})
+        return nn.ModuleDict({"segmentation": UNet(UNetConfig(**network_size(config)))})
 
     def train_step(self, stage: str, modules: Mapping[str, nn.Module], batches: Mapping[str, Batch],
                    optimizers: Mapping[str, torch.optim.Optimizer], config: "TrainConfig") -> dict[str, float]:
