@@ -75,8 +75,8 @@ def pseudo_labels(teacher: nn.Module, hu: np.ndarray, boxes: np.ndarray, batch_s
 
     ``hu`` int16 [D, H, W] and ``boxes`` [2, D, H, W] (organ, lesion) are on the training grid. Each slice is
     padded to a multiple of the teacher's ``size_divisor`` (air for HU, no box) and gets the stack of neighbours
-    the teacher takes (``config.in_slices``), edge slices replicated, as in training and serving. The teacher runs in eval mode on
-    its own device and its mode is restored afterwards.
+    the teacher takes (``config.in_slices``), edge slices replicated, as in training and serving. The teacher
+    runs in eval mode on its own device and its mode is restored afterwards.
     """
     if hu.ndim != 3 or boxes.shape != (2, *hu.shape):
         raise ValueError(f"need hu [D, H, W] and boxes [2, D, H, W], got {hu.shape} and {boxes.shape}")
