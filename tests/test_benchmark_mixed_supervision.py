@@ -107,6 +107,30 @@ def test_smoke_preset_writes_rows_table_and_plots(benchmark, benchmark_module, t
     weak = rows["teacher-student"]["weak"]
     assert 0 <= weak["lesion_voxels_found"] <= min(weak["lesion_voxels_predicted"], weak["lesion_voxels_true"])
 
+    # liver_breakdown.py splits the same runs' liver errors; its Dice is the table's, counted its own way
+    benchmark_module("liver_breakdown").main(["--work", str(tmp_path / "work"), "--preset", "smoke", "--rows",
+                                              "strong-only", "--out", str(results / "liver_breakdown")])
+    row = json.loads((results / "liver_breakdown.json").read_text())["rows"]["strong-only"]
+    assert row["liver_dice_global"] == pytest.approx(document["rows"][0]["liver_dice_global"], abs=1e-4)
+    assert 0 <= row["false_liver_on_liver_free_slices_ml"] <= row["false_liver_ml"]
+    assert sum(row["by_z_ml"].values()) == pytest.approx(row["false_liver_on_liver_free_slices_ml"], abs=0.5)
+
+
+def test_liver_errors_bin_false_liver_on_liver_free_slices_by_z_distance(benchmark_module):
+    false_liver = benchmark_module("false_liver")
+    truth = np.zeros((6, 8, 8), np.uint8)
+    truth[1:3, 2:6, 2:6] = 1                     # liver on slices 1 and 2, 16 voxels each
+    truth[2, 3, 3] = 2                           # a lesion counts as liver
+    predicted = truth.copy()
+    predicted[1, 2, 2] = 0                       # 1 missed
+    predicted[2, 0, :3] = 1                      # 3 false on a liver slice
+    predicted[3, 0, 0] = 1                       # 1 false, one slice (4 mm) from the liver
+    predicted[5, :2, :2] = 2                     # 4 false (as lesion), three slices (12 mm) away
+    errors = false_liver.liver_errors(predicted, truth, slice_mm=4.0)
+    assert (errors["tp"], errors["fp"], errors["fn"]) == (31, 8, 1)
+    assert errors["fp_liver_free_slices"].tolist() == [1, 0, 4, 0, 0, 0]  # bins 0-5, 5-10, 10-20, ... mm
+    assert (errors["lesion_tp"], errors["lesion_fp"], errors["lesion_fn"]) == (1, 4, 0)
+
 
 def test_lesion_breakdown_counts_found_covered_and_false_lesion(benchmark_module):
     breakdown = benchmark_module("lesion_breakdown")
