@@ -56,7 +56,8 @@ class TrainConfig:
     crop: int = 128  # what the bundled model was trained with; a step costs (128/160)^2 of a 160 crop
     patch_size: int = 160
     #: Neighbouring axial slices the network sees, centre slice included (odd): its z-context, written into the
-    #: model contract so that serving feeds the same stacks.
+    #: model contract so that serving feeds the same stacks. 5 was measured and not kept: the false liver on
+    #: liver-free slices did not fall and lesions did (benchmarks/results/context_5).
     context_slices: int = 3
     batch_size: int = 16
     #: Of the crops not centred on a lesion, the share centred on the organ (the rest lie anywhere). 0.5 (more
