@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -574,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "wall_seconds": round(time.perf_counter() - started, 1),
                 # a rerun over kept runs skips their training: the time they took when they did train
                 "training_seconds_total": round(sum(r["seconds"] for r in results), 1),
-                "command": "python benchmarks/mixed_supervision.py " + " ".join(argv or sys.argv[1:]),
+                "command": "python benchmarks/mixed_supervision.py " + shlex.join(argv or sys.argv[1:]),
                 "rows": summaries}
     write_reports(document, args.results)
     print(f"wall time {document['wall_seconds'] / 60:.1f} min; results in {args.results}")
