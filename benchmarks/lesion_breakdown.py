@@ -25,17 +25,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from mixed_supervision import (  # noqa: E402
-    PRESETS,
-    own_test_set,
-    preset_contract,
     report,
     score_kept_rows,
     segment_cases,
     work_folder_parser,
+    work_test_set,
 )
 
 from mixsup.scan import read_nifti  # noqa: E402
-from mixsup.training.data.manifest import load_dataset  # noqa: E402
 
 #: Upper edges (mL) of the lesion size bins; the last bin is open.
 BIN_EDGES_ML = (0.5, 2.0, 8.0)
@@ -103,10 +100,8 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = work_folder_parser(__doc__, ["strong-only", "full", "teacher-student", "teacher-student + Dice"])
     args = parser.parse_args(argv)
-    test = args.work / "test"
-    cases = own_test_set(test, preset_contract(PRESETS[args.preset]))
-    # own_test_set reads the manifest's cases in order; their instance maps are listed beside them.
-    instances = [read_nifti(case.path(case.instances)).voxels.astype(np.int64) for case in load_dataset(test).cases]
+    cases, entries = work_test_set(args.work, args.preset)
+    instances = [read_nifti(entry.path(entry.instances)).voxels.astype(np.int64) for entry in entries]
     rows = score_kept_rows(args.work, args.rows, lambda runs: row_breakdown(runs, cases, instances))
     results = {"work": str(args.work), "test_cases": len(cases), "bin_edges_ml": list(BIN_EDGES_ML), "rows": rows}
     report(results, markdown(results), args.out)

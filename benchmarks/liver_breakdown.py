@@ -26,18 +26,15 @@ sys.path.insert(0, str(HERE))
 
 from false_liver import Z_BINS_MM, liver_errors  # noqa: E402
 from mixed_supervision import (  # noqa: E402
-    PRESETS,
     TestCase,
-    own_test_set,
-    preset_contract,
     report,
     score_kept_rows,
     segment_cases,
     work_folder_parser,
+    work_test_set,
 )
 
 from mixsup.scan import Scan, read_nifti  # noqa: E402
-from mixsup.training.data.manifest import load_dataset  # noqa: E402
 
 
 def z_bin_names(edges: tuple[float, ...] = Z_BINS_MM) -> list[str]:
@@ -93,10 +90,8 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = work_folder_parser(__doc__, ["strong-only", "full", "teacher-student", "teacher-student + Dice"])
     args = parser.parse_args(argv)
-    test = args.work / "test"
-    cases = own_test_set(test, preset_contract(PRESETS[args.preset]))
-    # own_test_set reads the manifest's cases in order; their label files give each case's axial axis.
-    truths = [read_nifti(case.path(case.segmentation)) for case in load_dataset(test).cases]
+    cases, entries = work_test_set(args.work, args.preset)
+    truths = [read_nifti(entry.path(entry.segmentation)) for entry in entries]  # their affines: the axial axis
     rows = score_kept_rows(args.work, args.rows, lambda runs: row_errors(runs, cases, truths))
     report({"work": str(args.work), "test_cases": len(cases), "z_bins_mm": list(Z_BINS_MM), "rows": rows},
            markdown({"test_cases": len(cases), "rows": rows}), args.out)

@@ -458,6 +458,15 @@ def preset_contract(preset: Preset) -> ModelContract:
     return ModelContract(patch_size=(preset.train["patch_size"],) * 2, spacing_mm=tuple(preset.train["spacing_mm"]))
 
 
+def work_test_set(work: Path, preset: str) -> tuple[list[TestCase], list]:
+    """A ``--work`` folder's own held-out test set on ``preset``'s model grid, and each case's manifest entry in the
+    same order (for the files beside it: instance maps, label files)."""
+    from mixsup.training.data.manifest import load_dataset
+
+    test = work / "test"
+    return own_test_set(test, preset_contract(PRESETS[preset])), load_dataset(test).cases
+
+
 def work_folder_parser(description: str, default_rows: Sequence[str]) -> argparse.ArgumentParser:
     """The command line the scripts reading a ``--work`` folder share: ``--work``, ``--preset``, ``--rows``
     (``default_rows`` unless given) and ``--out``."""
