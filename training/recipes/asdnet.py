@@ -165,8 +165,8 @@ class ASDNetRecipe(Recipe):
     def build(self, config) -> nn.ModuleDict:
         segmentation = UNet(UNetConfig(**network_size(config)))
         confidence = ConfidenceNetwork(ConfidenceNetworkConfig(
-            in_slices=segmentation.config.in_slices, num_classes=segmentation.config.num_classes,
-            base_channels=config.base_channels, depth=config.depth, hu_window=segmentation.config.hu_window))
+            **network_size(config), num_classes=segmentation.config.num_classes,
+            hu_window=segmentation.config.hu_window))
         return nn.ModuleDict({"segmentation": segmentation, "confidence": confidence})
 
     def optimizers(self, stage: str, modules: nn.ModuleDict, config) -> dict[str, torch.optim.Optimizer]:
