@@ -44,24 +44,23 @@ def z_bin_names(edges: tuple[float, ...] = Z_BINS_MM) -> list[str]:
 def run_errors(checkpoint: Path, cases: list[TestCase], truths: list[Scan]) -> dict[str, float | list[float]]:
     """One run's liver errors over ``cases``: global Dice (with and without the false liver on liver-free
     slices) and mL per case. ``truths`` are the cases' label scans, whose affines say which axis is axial."""
-    voxels = {"tp": 0, "fp": 0, "fn": 0, "free": 0}
-    ml = {"fp": 0.0, "fn": 0.0, "free": np.zeros(len(Z_BINS_MM))}
+    tp = fp = fn = free = 0  # voxels, summed over cases: the global Dice
+    false_ml = missed_ml = 0.0
+    free_ml = np.zeros(len(Z_BINS_MM))  # false liver on liver-free slices by z bin
     for case, truth, predicted in zip(cases, truths, segment_cases(checkpoint, cases)):
         canonical_truth, spacing = truth.canonical()
         canonical_predicted = dataclasses.replace(truth, voxels=predicted).canonical()[0]
         errors = liver_errors(canonical_predicted, canonical_truth, float(spacing[0]))
-        free = np.asarray(errors["fp_liver_free_slices"])
-        for key, value in (("tp", errors["tp"]), ("fp", errors["fp"]), ("fn", errors["fn"]), ("free", free.sum())):
-            voxels[key] += int(value)
-        ml["fp"] += errors["fp"] * case.voxel_ml
-        ml["fn"] += errors["fn"] * case.voxel_ml
-        ml["free"] += free * case.voxel_ml
-    tp, fp, fn, free = voxels["tp"], voxels["fp"], voxels["fn"], voxels["free"]
+        tp, fp, fn = tp + errors["tp"], fp + errors["fp"], fn + errors["fn"]
+        free += int(errors["fp_liver_free_slices"].sum())
+        false_ml += errors["fp"] * case.voxel_ml
+        missed_ml += errors["fn"] * case.voxel_ml
+        free_ml += errors["fp_liver_free_slices"] * case.voxel_ml
     return {"liver_dice_global": 2 * tp / max(1, 2 * tp + fp + fn),
             "liver_dice_without_liver_free_false": 2 * tp / max(1, 2 * tp + fp - free + fn),
-            "false_liver_ml": ml["fp"] / len(cases), "missed_liver_ml": ml["fn"] / len(cases),
-            "false_liver_on_liver_free_slices_ml": float(ml["free"].sum()) / len(cases),
-            "by_z_ml": (ml["free"] / len(cases)).tolist()}
+            "false_liver_ml": false_ml / len(cases), "missed_liver_ml": missed_ml / len(cases),
+            "false_liver_on_liver_free_slices_ml": float(free_ml.sum()) / len(cases),
+            "by_z_ml": (free_ml / len(cases)).tolist()}
 
 
 def row_errors(run_dirs: list[Path], cases: list[TestCase], truths: list[Scan]) -> dict:
