@@ -32,8 +32,7 @@ class Volume:
     filled organ-box and lesion-box masks (zeros where a case has no boxes); ``soft_labels`` float16 [C,D,H,W]
     pseudo-labels a previous stage wrote, else None; ``instances`` int32 [D,H,W] lesion instance ids (0 elsewhere)
     beside ``labels``, so touching lesions stay apart, else None; ``spacing`` the arrays' voxel size (mm, z y x);
-    ``sample_slices`` the slices worth sampling more often
-    (those with organ or boxes).
+    ``sample_slices`` the slices worth sampling more often (those with organ or boxes).
     """
 
     hu: np.ndarray
