@@ -1,6 +1,8 @@
 """The 2.5D input: which slices form each slice's stack. Training and serving must agree on this exactly."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from mixsup.errors import InputError
@@ -23,3 +25,30 @@ def slice_stack_indices(depth: int, context_slices: int = 3) -> np.ndarray:
     half = context_slices // 2
     offsets = np.arange(-half, half + 1)
     return np.clip(np.arange(depth)[:, None] + offsets[None, :], 0, depth - 1)
+
+
+def padded_stack_batches(hu: np.ndarray, context_slices: int, batch_size: int, size_divisor: int = 1,
+                         boxes: np.ndarray | None = None,
+                         pad_value: float = AIR_HU) -> Iterator[tuple[slice, np.ndarray, np.ndarray | None]]:
+    """A whole volume's slices in batches, as a network on full slices takes them (training's validation, the
+    teacher's pseudo-labels and whole-slice serving alike).
+
+    ``hu`` [D, H, W] and ``boxes`` ([2, D, H, W] organ / lesion box masks, optional) are on the model grid. Yields
+    ``(slices, stacks, box_masks)``: the batch's centre slices (a ``slice`` of D), their stacks float32
+    [n, context_slices, Hp, Wp] (edge slices replicated) and their box masks float32 [n, 2, Hp, Wp] or None, each
+    slice padded at the bottom and right to a multiple of ``size_divisor`` (with ``pad_value``, no box): crop
+    outputs back to ``[:H, :W]``. Only one batch is padded at a time, so a large scan is never copied whole.
+    """
+    depth, height, width = hu.shape
+    padded_hw = (height + (-height) % size_divisor, width + (-width) % size_divisor)
+    stacks_of = slice_stack_indices(depth, context_slices)
+    for start in range(0, depth, batch_size):
+        batch = slice(start, min(depth, start + batch_size))
+        indices = stacks_of[batch]
+        stacks = np.full((len(indices), context_slices, *padded_hw), pad_value, dtype=np.float32)
+        stacks[:, :, :height, :width] = hu[indices]
+        box_masks = None
+        if boxes is not None:
+            box_masks = np.zeros((len(indices), 2, *padded_hw), dtype=np.float32)
+            box_masks[:, :, :height, :width] = boxes[:, batch].transpose(1, 0, 2, 3)
+        yield batch, stacks, box_masks

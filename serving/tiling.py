@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 import numpy as np
 
 from mixsup.errors import InputError
-from mixsup.stacks import AIR_HU, DEFAULT_MAX_SLICE, slice_stack_indices
+from mixsup.stacks import AIR_HU, DEFAULT_MAX_SLICE, padded_stack_batches, slice_stack_indices
 
 Position = tuple[int, int, int]
 
@@ -250,15 +250,9 @@ def iter_slice_batches(
     """Cut a [D,H,W] volume into batches of ``slices`` whole 2.5D stacks, padded to ``size_divisor``."""
     if slices < 1:
         raise ValueError(f"slices must be positive, got {slices}")
-    volume = _check_volume(volume)
-    depth, height, width = volume.shape
-    padded_h, padded_w = padded_size(height, size_divisor), padded_size(width, size_divisor)
-    stack_indices = slice_stack_indices(depth, context_slices)
-    for first in range(0, depth, slices):
-        indices = stack_indices[first:first + slices]
-        stacks = np.full((len(indices), context_slices, padded_h, padded_w), pad_value, dtype=np.float32)
-        stacks[:, :, :height, :width] = volume[indices]
-        yield SliceBatch(stacks, first)
+    for batch, stacks, _ in padded_stack_batches(_check_volume(volume), context_slices, slices, size_divisor,
+                                                 pad_value=pad_value):
+        yield SliceBatch(stacks, batch.start)
 
 
 class SliceAccumulator:

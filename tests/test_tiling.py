@@ -19,6 +19,7 @@ from mixsup.serving.tiling import (
     sliding_window_predict,
     tile_starts,
 )
+from mixsup.stacks import AIR_HU, padded_stack_batches
 
 ROI = (16, 16)
 # (D, H, W): smaller than, equal to, and not a multiple of the tile, including a single slice.
@@ -58,6 +59,22 @@ def test_slice_stacks_replicate_edge_slices():
     np.testing.assert_array_equal(stacks[:, :, 0, 0], [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]])
     np.testing.assert_array_equal(slice_stack_indices(1), [[0, 0, 0]])
     np.testing.assert_array_equal(slice_stack_indices(3, context_slices=5)[0], [0, 0, 0, 1, 2])
+
+
+def test_padded_stack_batches_pad_images_with_air_and_boxes_with_nothing():
+    hu = np.arange(3)[:, None, None] * np.ones((1, 5, 6))
+    boxes = np.stack([np.ones((3, 5, 6)), np.arange(3)[:, None, None] * np.ones((1, 5, 6))])
+    batches = list(padded_stack_batches(hu, context_slices=3, batch_size=2, size_divisor=4, boxes=boxes))
+
+    assert [batch for batch, _, _ in batches] == [slice(0, 2), slice(2, 3)]
+    stacks, box_masks = batches[0][1], batches[0][2]
+    assert stacks.shape == box_masks.shape[:1] + (3, 8, 8) and box_masks.shape == (2, 2, 8, 8)
+    np.testing.assert_array_equal(stacks[:, :, 0, 0], [[0, 0, 1], [0, 1, 2]])
+    assert (stacks[:, :, 5:] == AIR_HU).all() and (stacks[:, :, :, 6:] == AIR_HU).all()
+    np.testing.assert_array_equal(box_masks[:, :, 0, 0], [[1, 0], [1, 1]])  # [slice, (organ, lesion)]
+    assert not box_masks[:, :, 5:].any() and not box_masks[:, :, :, 6:].any()
+    np.testing.assert_array_equal(batches[1][1][0, :, 0, 0], [1, 2, 2])
+    assert list(padded_stack_batches(hu, 3, 2))[0][2] is None
 
 
 @pytest.mark.parametrize("size, roi, overlap, expected", [

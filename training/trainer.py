@@ -28,7 +28,7 @@ from mixsup.contract import ModelContract
 from mixsup.errors import InputError
 from mixsup.files import atomic_path
 from mixsup.resample import resample_inplane
-from mixsup.stacks import AIR_HU, slice_stack_indices
+from mixsup.stacks import padded_stack_batches
 from mixsup.training.data.dataset import (
     Augmentation,
     SliceSampler,
@@ -215,21 +215,15 @@ def predict_volume(logits_fn: Callable[..., torch.Tensor], hu: np.ndarray, boxes
 
     ``logits_fn(images)`` or, when ``boxes`` ([2,D,H,W] box masks) is given, ``logits_fn(images, boxes)``.
     """
-    depth, height, width = hu.shape
-    pad = ((0, 0), (0, (-height) % size_divisor), (0, (-width) % size_divisor))
-    padded = np.pad(hu, pad, constant_values=AIR_HU).astype(np.float32)
-    padded_boxes = None if boxes is None else np.pad(boxes, ((0, 0), *pad)).astype(np.float32)
+    height, width = hu.shape[1:]
     labels = np.empty(hu.shape, dtype=np.uint8)
-    stacks_of = slice_stack_indices(depth, context_slices)
-    for start in range(0, depth, batch_size):
-        stop = min(depth, start + batch_size)
-        stacks = torch.from_numpy(padded[stacks_of[start:stop]]).to(device)
-        if padded_boxes is None:
-            logits = logits_fn(stacks)
-        else:
-            logits = logits_fn(stacks, torch.from_numpy(padded_boxes[:, start:stop].transpose(1, 0, 2, 3)).to(device))
+    for batch, stacks, box_masks in padded_stack_batches(hu, context_slices, batch_size, size_divisor, boxes):
+        inputs = [torch.from_numpy(stacks).to(device)]
+        if box_masks is not None:
+            inputs.append(torch.from_numpy(box_masks).to(device))
+        logits = logits_fn(*inputs)
         # max().indices, not argmax(): the same first-maximum labels, 10x faster over dim 1 on CPU (torch 2.13)
-        labels[start:stop] = logits.max(dim=1).indices[:, :height, :width].cpu().numpy().astype(np.uint8)
+        labels[batch] = logits.max(dim=1).indices[:, :height, :width].cpu().numpy().astype(np.uint8)
     return labels
 
 

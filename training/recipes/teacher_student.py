@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixsup.metrics import GlobalDice
-from mixsup.stacks import AIR_HU, slice_stack_indices
+from mixsup.stacks import padded_stack_batches
 from mixsup.training.losses import one_hot_targets, segmentation_localization_loss
 from mixsup.training.models.teacher_student import StudentUNet, TeacherUNet
 from mixsup.training.models.unet import UNetConfig
@@ -80,20 +80,14 @@ def pseudo_labels(teacher: nn.Module, hu: np.ndarray, boxes: np.ndarray, batch_s
     """
     if hu.ndim != 3 or boxes.shape != (2, *hu.shape):
         raise ValueError(f"need hu [D, H, W] and boxes [2, D, H, W], got {hu.shape} and {boxes.shape}")
-    depth, height, width = hu.shape
+    height, width = hu.shape[1:]
     divisor = int(getattr(teacher, "size_divisor", 1))
-    pad = ((0, (-height) % divisor), (0, (-width) % divisor))
-    padded_hu = np.pad(hu, ((0, 0), *pad), constant_values=AIR_HU).astype(np.float32)
-    padded_boxes = np.pad(boxes, ((0, 0), (0, 0), *pad)).astype(np.float32)
     device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
     try:
         chunks = []
-        for start in range(0, depth, batch_slices):
-            centres = range(start, min(depth, start + batch_slices))
-            stacks = padded_hu[slice_stack_indices(depth, teacher.config.in_slices)[centres]]
-            box_masks = np.stack([padded_boxes[:, z] for z in centres])
+        for _, stacks, box_masks in padded_stack_batches(hu, teacher.config.in_slices, batch_slices, divisor, boxes):
             logits = teacher(torch.from_numpy(stacks).to(device), torch.from_numpy(box_masks).to(device))
             probabilities = torch.softmax(logits.float(), dim=1)[:, :, :height, :width]
             chunks.append(probabilities.cpu().numpy())
