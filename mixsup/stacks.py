@@ -27,6 +27,13 @@ def slice_stack_indices(depth: int, context_slices: int = 3) -> np.ndarray:
     return np.clip(np.arange(depth)[:, None] + offsets[None, :], 0, depth - 1)
 
 
+def padded_size(size: int, size_divisor: int) -> int:
+    """``size`` rounded up to a multiple of ``size_divisor``."""
+    if size_divisor < 1:
+        raise ValueError(f"size_divisor must be positive, got {size_divisor}")
+    return -(-int(size) // size_divisor) * size_divisor
+
+
 def padded_stack_batches(hu: np.ndarray, context_slices: int, batch_size: int, size_divisor: int = 1,
                          boxes: np.ndarray | None = None,
                          pad_value: float = AIR_HU) -> Iterator[tuple[slice, np.ndarray, np.ndarray | None]]:
@@ -40,7 +47,7 @@ def padded_stack_batches(hu: np.ndarray, context_slices: int, batch_size: int, s
     outputs back to ``[:H, :W]``. Only one batch is padded at a time, so a large scan is never copied whole.
     """
     depth, height, width = hu.shape
-    padded_hw = (height + (-height) % size_divisor, width + (-width) % size_divisor)
+    padded_hw = (padded_size(height, size_divisor), padded_size(width, size_divisor))
     stacks_of = slice_stack_indices(depth, context_slices)
     for start in range(0, depth, batch_size):
         batch = slice(start, min(depth, start + batch_size))

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 import numpy as np
 
 from mixsup.errors import InputError
-from mixsup.stacks import AIR_HU, DEFAULT_MAX_SLICE, padded_stack_batches, slice_stack_indices
+from mixsup.stacks import AIR_HU, DEFAULT_MAX_SLICE, padded_size, padded_stack_batches, slice_stack_indices
 
 Position = tuple[int, int, int]
 
@@ -207,13 +207,6 @@ def sliding_window_predict(
     for batch in iter_tile_batches(volume, roi_size, overlap, batch_size, context_slices, pad_value):
         accumulator.add(np.asarray(predict_batch(batch.tiles)), batch.positions)
     return accumulator.result()
-
-
-def padded_size(size: int, size_divisor: int) -> int:
-    """``size`` rounded up to a multiple of ``size_divisor``."""
-    if size_divisor < 1:
-        raise ValueError(f"size_divisor must be positive, got {size_divisor}")
-    return -(-int(size) // size_divisor) * size_divisor
 
 
 def fits_whole(slice_shape: Sequence[int], max_slice: int, size_divisor: int = 1) -> bool:

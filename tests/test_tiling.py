@@ -75,6 +75,8 @@ def test_padded_stack_batches_pad_images_with_air_and_boxes_with_nothing():
     assert not box_masks[:, :, 5:].any() and not box_masks[:, :, :, 6:].any()
     np.testing.assert_array_equal(batches[1][1][0, :, 0, 0], [1, 2, 2])
     assert list(padded_stack_batches(hu, 3, 2))[0][2] is None
+    with pytest.raises(ValueError, match="size_divisor"):
+        next(padded_stack_batches(hu, 3, 2, size_divisor=0))
 
 
 @pytest.mark.parametrize("size, roi, overlap, expected", [
