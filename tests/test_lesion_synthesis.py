@@ -84,6 +84,37 @@ def test_the_sampler_pastes_lesions_at_its_probability():
     assert not any((c["labels"] == LESION).any() for c in crops(0.0))
 
 
+def test_a_pasted_lesion_gets_a_fresh_id_above_a_compactly_stored_volume_s_last():
+    """Volumes keep instances in the smallest type (uint8 here); a pasted lesion's id is one more than the
+    slice's largest, which must not wrap to 0 (unlabelled lesion) at 255."""
+    from mixsup.training.data.dataset import compact_ids
+
+    volume = strong_volume()
+    ids = np.zeros(volume.labels.shape, np.int32)
+    ids[:, 12:14, 12:14] = 255
+    volume.labels[ids > 0] = LESION
+    volume.instances = compact_ids(ids)
+    assert volume.instances.dtype == np.uint8
+    sampler = SliceSampler([volume], crop=80, augmentation=Augmentation.none(),
+                           lesion_synthesis=LesionSynthesis(probability=1.0))
+    rng = np.random.default_rng(0)
+    samples = [sampler.sample(rng) for _ in range(8)]
+    assert all(s["instances"].dtype == np.int32 for s in samples)
+    pasted = [s for s in samples if (s["instances"] > 255).any()]
+    assert pasted
+    for s in pasted:
+        assert np.array_equal(s["instances"] > 0, s["labels"] == LESION)
+
+
+def test_compact_ids_keep_values_in_the_smallest_unsigned_type():
+    from mixsup.training.data.dataset import compact_ids
+
+    for largest, dtype in ((0, np.uint8), (10, np.uint8), (255, np.uint8), (256, np.uint16), (70000, np.uint32)):
+        ids = np.array([[0, largest], [1, 0]], np.int32)
+        compact = compact_ids(ids)
+        assert compact.dtype == dtype and np.array_equal(compact, ids)
+
+
 def test_off_by_default_and_the_random_stream_is_unchanged():
     """Runs without synthesis reproduce runs from before it existed: probability 0 draws nothing."""
     assert TrainConfig().synthetic_lesions == 0.0

@@ -329,6 +329,7 @@ def test_touching_phantom_lesions_get_interfaces_through_the_data_pipeline(stron
 
     volumes = [load_volume(case, (3.2, 3.2)) for case in load_dataset(strong_phantoms).strong()]
     assert all(v.instances is not None and np.array_equal(v.instances > 0, v.labels == 2) for v in volumes)
+    assert all(v.instances.dtype == np.uint8 for v in volumes)  # a case's few lesions, held compactly
     touching = sum(int(interface_map(v.labels[z], instances=v.instances[z]).sum())
                    for v in volumes for z in range(v.labels.shape[0]) if not interface_map(v.labels[z]).any())
     assert touching > 0

@@ -30,9 +30,10 @@ class Volume:
 
     ``hu`` int16 [D,H,W]; ``labels`` uint8 [D,H,W] for strong cases, else None; ``boxes`` uint8 [2,D,H,W]
     filled organ-box and lesion-box masks (zeros where a case has no boxes); ``soft_labels`` float16 [C,D,H,W]
-    pseudo-labels a previous stage wrote, else None; ``instances`` int32 [D,H,W] lesion instance ids (0 elsewhere)
-    beside ``labels``, so touching lesions stay apart, else None; ``spacing`` the arrays' voxel size (mm, z y x);
-    ``sample_slices`` the slices worth sampling more often (those with organ or boxes).
+    pseudo-labels a previous stage wrote, else None; ``instances`` [D,H,W] lesion instance ids (0 elsewhere; in
+    the smallest unsigned type that holds them) beside ``labels``, so touching lesions stay apart, else None;
+    ``spacing`` the arrays' voxel size (mm, z y x); ``sample_slices`` the slices worth sampling more often
+    (those with organ or boxes).
     """
 
     hu: np.ndarray
@@ -86,7 +87,14 @@ def load_volume(case: Case, spacing_mm: Sequence[float]) -> Volume:
     hu = to_int16_hu(resample_inplane(hu.astype(np.float32), out_hw, order=1))
     labels, instances = (None if a is None else resample_inplane(a, out_hw, order=0) for a in (labels, instances))
     return Volume(hu=hu, labels=labels, boxes=resample_inplane(masks, out_hw, order=0), kind=kind, case=case.case,
-                  instances=instances, spacing=(float(spacing[0]), *map(float, spacing_mm)))
+                  instances=None if instances is None else compact_ids(instances),
+                  spacing=(float(spacing[0]), *map(float, spacing_mm)))
+
+
+def compact_ids(ids: np.ndarray) -> np.ndarray:
+    """Non-negative integer ids in the smallest unsigned type that holds the largest (uint8 for a case's few
+    lesions): the training set lives in memory, and int32 instances were 4 of its 9 bytes per voxel."""
+    return ids.astype(np.min_scalar_type(int(ids.max(initial=0))), copy=False)
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,7 @@ class SliceSampler:
         a strong volume's liver at ``lesion_synthesis.probability`` (the draw is skipped when it is 0, so runs
         without it keep their random stream)."""
         stack = Stack(volume.hu[indices].astype(np.float32), None if volume.labels is None else volume.labels[indices],
-                      volume.boxes[:, z], None if volume.instances is None else volume.instances[z])
+                      volume.boxes[:, z], None if volume.instances is None else volume.instances[z].astype(np.int32))
         synthesis = self.lesion_synthesis
         if stack.labels is None or synthesis.probability <= 0 or rng.random() >= synthesis.probability:
             return stack
