@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE))
 from evaluate_served_model import labels_in_process, own_phantoms  # noqa: E402
 from measure import print_and_write  # noqa: E402
 
+from mixsup.metrics import dice_from_counts  # noqa: E402
 from mixsup.readers import read_scan  # noqa: E402
 
 #: Seeds of the selection set; training runs use seed 1 (cases 1000+), evaluation 90210.
@@ -64,13 +65,13 @@ def score(network: Path, cases: list[tuple[Path, Path]], device: str) -> dict:
         for key, value in liver_errors(canonical, truth, float(spacing[0])).items():
             total[key] = total.get(key, 0) + value
     tp, fp, fn, free = total["tp"], total["fp"], total["fn"], total["fp_liver_free_slices"]
-    lesion = 2 * total["lesion_tp"] / max(1, 2 * total["lesion_tp"] + total["lesion_fp"] + total["lesion_fn"])
+    lesion = dice_from_counts(total["lesion_tp"], total["lesion_fp"], total["lesion_fn"])
     edges = [*Z_BINS_MM, None]
-    return {"dice_liver_global": round(2 * tp / (2 * tp + fp + fn), 4), "dice_lesion_global": round(lesion, 4),
+    return {"dice_liver_global": round(dice_from_counts(tp, fp, fn), 4), "dice_lesion_global": round(lesion, 4),
             "false_liver_voxels": fp, "missed_liver_voxels": fn, "false_liver_on_liver_free_slices": int(free.sum()),
             "false_liver_on_liver_free_slices_by_z_mm": {
                 f"{lo}-{hi}" if hi is not None else f"{lo}+": int(n) for lo, hi, n in zip(edges, edges[1:], free)},
-            "dice_liver_without_those": round(2 * tp / (2 * tp + fp - int(free.sum()) + fn), 4)}
+            "dice_liver_without_those": round(dice_from_counts(tp, fp - int(free.sum()), fn), 4)}
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from mixed_supervision import (  # noqa: E402
     work_test_set,
 )
 
+from mixsup.metrics import dice_from_counts  # noqa: E402
 from mixsup.scan import Scan, read_nifti  # noqa: E402
 
 
@@ -56,8 +57,8 @@ def run_errors(checkpoint: Path, cases: list[TestCase], truths: list[Scan]) -> d
         false_ml += errors["fp"] * case.voxel_ml
         missed_ml += errors["fn"] * case.voxel_ml
         free_ml += errors["fp_liver_free_slices"] * case.voxel_ml
-    return {"liver_dice_global": 2 * tp / max(1, 2 * tp + fp + fn),
-            "liver_dice_without_liver_free_false": 2 * tp / max(1, 2 * tp + fp - free + fn),
+    return {"liver_dice_global": dice_from_counts(tp, fp, fn),
+            "liver_dice_without_liver_free_false": dice_from_counts(tp, fp - free, fn),
             "false_liver_ml": false_ml / len(cases), "missed_liver_ml": missed_ml / len(cases),
             "false_liver_on_liver_free_slices_ml": float(free_ml.sum()) / len(cases),
             "by_z_ml": (free_ml / len(cases)).tolist()}

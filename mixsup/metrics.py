@@ -1,6 +1,7 @@
 """Overlap metrics and volumes of label maps, as the LiTS challenge reports them.
 
 * :func:`dice` -- Dice of one label in one case ("Dice per case" when averaged over cases).
+* :func:`dice_from_counts` -- the same from true-positive, false-positive and false-negative voxel counts.
 * :class:`GlobalDice` -- one Dice over all voxels of all cases ("Dice global": summed intersections over summed
   sizes), which weighs large livers and lesions more than a per-case mean does.
 
@@ -27,6 +28,12 @@ def _overlap(pred: np.ndarray, truth: np.ndarray, label: int) -> tuple[int, int]
 
 def _dice_from(intersection: int, total: int) -> float:
     return 1.0 if total == 0 else 2.0 * intersection / total
+
+
+def dice_from_counts(true_positive: int, false_positive: int, false_negative: int) -> float:
+    """Dice ``2TP / (2TP + FP + FN)`` from voxel counts (summed over cases, it is the global Dice); 1.0 when all
+    three are 0."""
+    return _dice_from(true_positive, 2 * true_positive + false_positive + false_negative)
 
 
 def dice(pred: np.ndarray, truth: np.ndarray, label: int) -> float:

@@ -7,6 +7,7 @@ import pytest
 from mixsup.metrics import (
     GlobalDice,
     dice,
+    dice_from_counts,
     dice_per_class,
     label_volumes_ml,
     voxel_volume_ml,
@@ -51,6 +52,13 @@ def test_global_dice_sums_over_cases():
     result = accumulator.result()
     assert result[1] == pytest.approx(2 * (1 + 3) / (4 + 6))  # 0.8, not the per-case mean 0.75
     assert result[2] == 1.0  # never present
+
+
+def test_dice_from_counts_agrees_with_dice_on_the_maps():
+    pred, truth = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 1, 0, 1])
+    tp, fp, fn = 2, 1, 1
+    assert dice_from_counts(tp, fp, fn) == pytest.approx(dice(pred, truth, 1)) == pytest.approx(4 / 6)
+    assert dice_from_counts(0, 0, 0) == 1.0 and dice_from_counts(0, 3, 0) == 0.0
 
 
 def test_volumes_in_ml():
