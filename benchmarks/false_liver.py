@@ -9,7 +9,9 @@ labels restored, post-processed), per style:
 * false-positive, false-negative liver voxels, and the false positives on slices without any liver, binned by
   their distance along z (mm) to the nearest slice with liver: a 2.5D network sees 3 slices, so false liver far
   from the organ is a failure to tell tissue apart in-plane, near it perhaps a lack of z context;
-* the Dice the liver would reach with no false positive on liver-free slices.
+* the Dice the liver would reach with no false positive on liver-free slices;
+* missed lesion voxels, and how many of them the network left outside the liver altogether (background): a lesion
+  at the liver's edge that it took for a neighbouring structure costs liver Dice too, one taken for liver does not.
 
 Usage: python benchmarks/false_liver.py [NAME=]NETWORK_DIR ... [--cases 8] [--out FILE.json]
 """
@@ -52,7 +54,7 @@ def liver_errors(predicted: np.ndarray, truth: np.ndarray, slice_mm: float) -> d
     return {"tp": int((p & t).sum()), "fp": int((p & ~t).sum()), "fn": int((t & ~p).sum()),
             "fp_liver_free_slices": by_distance,
             "lesion_tp": int((lesion_p & lesion_t).sum()), "lesion_fp": int((lesion_p & ~lesion_t).sum()),
-            "lesion_fn": int((lesion_t & ~lesion_p).sum())}
+            "lesion_fn": int((lesion_t & ~lesion_p).sum()), "lesion_fn_background": int((lesion_t & ~p).sum())}
 
 
 def score(network: Path, cases: list[tuple[Path, Path]], device: str) -> dict:
@@ -71,7 +73,8 @@ def score(network: Path, cases: list[tuple[Path, Path]], device: str) -> dict:
             "false_liver_voxels": fp, "missed_liver_voxels": fn, "false_liver_on_liver_free_slices": int(free.sum()),
             "false_liver_on_liver_free_slices_by_z_mm": {
                 f"{lo}-{hi}" if hi is not None else f"{lo}+": int(n) for lo, hi, n in zip(edges, edges[1:], free)},
-            "dice_liver_without_those": round(dice_from_counts(tp, fp - int(free.sum()), fn), 4)}
+            "dice_liver_without_those": round(dice_from_counts(tp, fp - int(free.sum()), fn), 4),
+            "missed_lesion_voxels": total["lesion_fn"], "missed_lesion_as_background": total["lesion_fn_background"]}
 
 
 def main() -> None:

@@ -130,6 +130,10 @@ def test_liver_errors_bin_false_liver_on_liver_free_slices_by_z_distance(benchma
     assert (errors["tp"], errors["fp"], errors["fn"]) == (31, 8, 1)
     assert errors["fp_liver_free_slices"].tolist() == [1, 0, 4, 0, 0, 0]  # bins 0-5, 5-10, 10-20, ... mm
     assert (errors["lesion_tp"], errors["lesion_fp"], errors["lesion_fn"]) == (1, 4, 0)
+    for missed_as, background in ((1, 0), (0, 1)):  # a lesion taken for liver, then for background
+        predicted[2, 3, 3] = missed_as
+        errors = false_liver.liver_errors(predicted, truth, slice_mm=4.0)
+        assert (errors["lesion_fn"], errors["lesion_fn_background"]) == (1, background)
 
 
 def test_lesion_breakdown_counts_found_covered_and_false_lesion(benchmark_module):
