@@ -16,6 +16,7 @@ from mixsup.errors import InputError
 from mixsup.training.cli import main as train_main
 from mixsup.training.losses import soft_dice_loss
 from mixsup.training.recipes import get_recipe
+from mixsup.training.recipes.base import STRONG, Batch
 from mixsup.training.trainer import TrainConfig, load_checkpoint, seed_everything
 
 
@@ -199,6 +200,43 @@ def test_soft_dice_loss_hand_computed():
     # Predicting class 1 everywhere when only one pixel is class 1: Dice = 2*1/(2+1).
     logits = torch.tensor([[[[-50.0, -50.0]], [[50.0, 50.0]], [[-50.0, -50.0]]]])
     assert float(soft_dice_loss(logits, target, classes=[1])) == pytest.approx(1 - 2 / 3, abs=1e-4)
+
+
+def test_region_dice_charges_a_lesion_taken_for_background_as_missed_liver_too():
+    """Truth: liver, liver, lesion, lesion. One lesion pixel predicted as liver, or as background. Class Dice
+    (liver, lesion) charges the first more (it is also false liver); LiTS's regions (liver ∪ lesion, lesion) charge
+    the second more (it is also missed liver), as the metric does."""
+    from mixsup.training.losses import LITS_REGIONS
+
+    target = torch.tensor([[[1, 1, 2, 2]]])
+    confident = {0: [50.0, -50.0, -50.0], 1: [-50.0, 50.0, -50.0], 2: [-50.0, -50.0, 50.0]}
+
+    def logits(labels):
+        return torch.tensor([confident[label] for label in labels]).T.reshape(1, 3, 1, 4)
+
+    as_liver, as_background = logits([1, 1, 1, 2]), logits([1, 1, 0, 2])
+    by_classes = [float(soft_dice_loss(x, target, classes=(1, 2))) for x in (as_liver, as_background)]
+    by_regions = [float(soft_dice_loss(x, target, classes=LITS_REGIONS)) for x in (as_liver, as_background)]
+    assert by_classes[0] > by_classes[1]
+    assert by_regions[1] > by_regions[0]
+    # hand-computed: liver ∪ lesion Dice 1 and 6/7, lesion Dice 2/3 both times
+    assert by_regions == pytest.approx([(0 + 1 / 3) / 2, (1 / 7 + 1 / 3) / 2], abs=1e-4)
+
+
+def test_the_unet_recipe_s_region_dice_option_reaches_its_loss(monkeypatch):
+    from mixsup.training.recipes import unet
+
+    seen = []
+    monkeypatch.setattr(unet, "ce_dice_loss", lambda logits, labels, classes: seen.append(classes) or logits.sum())
+    config = TrainConfig.preset("tiny", options={"region_dice": True})
+    modules = unet.RECIPE.build(config)
+    optimizers = {"all": torch.optim.SGD(modules.parameters(), lr=0.0)}
+    batch = Batch(kind=STRONG, images=torch.zeros(1, 3, 32, 32), boxes=torch.zeros(1, 2, 32, 32),
+                  labels=torch.zeros(1, 32, 32, dtype=torch.long))
+    for option in (True, False):
+        config = TrainConfig.preset("tiny", options={"region_dice": option})
+        unet.RECIPE.train_step("train", modules, {STRONG: batch}, optimizers, config)
+    assert seen == [unet.LITS_REGIONS, (1, 2)]
 
 
 def test_config_file_then_flags(phantoms, tmp_path):

@@ -6,29 +6,40 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+#: A class, or a region: classes whose probabilities add up (nnU-Net's region-based training for nested labels).
+ClassOrRegion = int | Sequence[int]
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[int], eps: float = 1e-5) -> torch.Tensor:
-    """1 - mean soft Dice over ``classes``, computed over the whole batch (nnU-Net's "batch Dice").
+#: The regions LiTS scores: the liver as organ ∪ lesion, and the lesion. With Dice on the classes (liver, lesion)
+#: a lesion taken for liver costs both terms (false liver) and one taken for background only the lesion's: the
+#: reverse of the metric, where a lesion taken for background is missed liver as well. On these regions it is not.
+LITS_REGIONS: tuple[tuple[int, ...], ...] = ((1, 2), (2,))
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[ClassOrRegion],
+                   eps: float = 1e-5) -> torch.Tensor:
+    """1 - mean soft Dice over ``classes`` (each a class or a region), computed over the whole batch (nnU-Net's
+    "batch Dice").
 
     Batch Dice keeps the loss defined on crops where a small class is absent.
     """
     return soft_dice_loss_to_probabilities(logits, one_hot_targets(target, logits.shape[1]), classes, eps)
 
 
-def soft_dice_loss_to_probabilities(logits: torch.Tensor, target_probabilities: torch.Tensor, classes: Sequence[int],
-                                    eps: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss_to_probabilities(logits: torch.Tensor, target_probabilities: torch.Tensor,
+                                    classes: Sequence[ClassOrRegion], eps: float = 1e-5) -> torch.Tensor:
     """:func:`soft_dice_loss` against per-pixel class probabilities [N, C, ...] (one-hot or soft pseudo-labels)."""
     probabilities = torch.softmax(logits, dim=1)
     target_probabilities = target_probabilities.to(probabilities.dtype)
     losses = []
     for label in classes:
-        p, t = probabilities[:, label], target_probabilities[:, label]
+        members = [label] if isinstance(label, int) else list(label)
+        p, t = probabilities[:, members].sum(dim=1), target_probabilities[:, members].sum(dim=1)
         intersection = (p * t).sum()
         losses.append(1.0 - (2.0 * intersection + eps) / (p.sum() + t.sum() + eps))
     return torch.stack(losses).mean()
 
 
-def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[int] = (1, 2)) -> torch.Tensor:
+def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[ClassOrRegion] = (1, 2)) -> torch.Tensor:
     """Cross-entropy plus soft Dice, the usual pairing for organ + small-lesion segmentation."""
     return F.cross_entropy(logits, target) + soft_dice_loss(logits, target, classes)
 

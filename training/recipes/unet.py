@@ -1,13 +1,17 @@
 """Baseline: a 2.5D U-Net trained with CE + Dice on the cases the manifest marks strong (strong-only, or fully
-supervised when every case is strong)."""
+supervised when every case is strong).
+
+Option ``region_dice``: the Dice term on LiTS's regions (liver ∪ lesion, lesion) instead of the classes (liver,
+lesion); see :data:`mixsup.training.losses.LITS_REGIONS`.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
-from mixsup.training.losses import ce_dice_loss
+from mixsup.training.losses import LITS_REGIONS, ce_dice_loss
 from mixsup.training.models.unet import UNet, UNetConfig
 from mixsup.training.recipes.base import STRONG, Batch, Recipe, network_size
 
@@ -19,6 +23,7 @@ NAME = "unet"
 
 class UNetRecipe(Recipe):
     NAME = NAME
+    DEFAULTS: dict[str, Any] = {"region_dice": False}
 
     def build(self, config) -> nn.ModuleDict:
         return nn.ModuleDict({"segmentation": UNet(UNetConfig(**network_size(config)))})
@@ -26,7 +31,8 @@ class UNetRecipe(Recipe):
     def train_step(self, stage: str, modules: Mapping[str, nn.Module], batches: Mapping[str, Batch],
                    optimizers: Mapping[str, torch.optim.Optimizer], config: "TrainConfig") -> dict[str, float]:
         batch = batches[STRONG]
-        loss = ce_dice_loss(modules["segmentation"](batch.images), batch.labels)
+        regions = LITS_REGIONS if self.option(config, "region_dice") else (1, 2)
+        loss = ce_dice_loss(modules["segmentation"](batch.images), batch.labels, regions)
         optimizers["all"].zero_grad(set_to_none=True)
         loss.backward()
         optimizers["all"].step()
