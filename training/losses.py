@@ -32,8 +32,10 @@ def soft_dice_loss_to_probabilities(logits: torch.Tensor, target_probabilities: 
     target_probabilities = target_probabilities.to(probabilities.dtype)
     losses = []
     for label in classes:
-        members = [label] if isinstance(label, int) else list(label)
-        p, t = probabilities[:, members].sum(dim=1), target_probabilities[:, members].sum(dim=1)
+        if isinstance(label, Sequence):
+            p, t = probabilities[:, list(label)].sum(dim=1), target_probabilities[:, list(label)].sum(dim=1)
+        else:  # one class: a view, as before regions existed
+            p, t = probabilities[:, label], target_probabilities[:, label]
         intersection = (p * t).sum()
         losses.append(1.0 - (2.0 * intersection + eps) / (p.sum() + t.sum() + eps))
     return torch.stack(losses).mean()
