@@ -198,7 +198,7 @@ class SliceSampler:
         a strong volume's liver at ``lesion_synthesis.probability`` (the draw is skipped when it is 0, so runs
         without it keep their random stream)."""
         stack = Stack(volume.hu[indices].astype(np.float32), None if volume.labels is None else volume.labels[indices],
-                      volume.boxes[:, z], None if volume.instances is None else volume.instances[z].astype(np.int32))
+                      volume.boxes[:, z], None if volume.instances is None else volume.instances[z])
         synthesis = self.lesion_synthesis
         if stack.labels is None or synthesis.probability <= 0 or rng.random() >= synthesis.probability:
             return stack

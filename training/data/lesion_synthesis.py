@@ -48,7 +48,7 @@ class LesionSynthesis:
 class Stack(NamedTuple):
     """A 2.5D training sample before the crop warp: ``hu`` float32 [K,H,W] (K context slices), ``labels`` uint8
     [K,H,W] (the centre slice is the target; the others give the liver's extent), ``boxes`` uint8 [2,H,W] (organ
-    and lesion boxes of the centre slice), ``instances`` int32 [H,W] of the centre slice or None."""
+    and lesion boxes of the centre slice), ``instances`` integer ids [H,W] of the centre slice or None."""
 
     hu: np.ndarray
     labels: np.ndarray
@@ -87,7 +87,8 @@ def paste_lesions(stack: Stack, centre_yx: Sequence[float], reach_px: float, off
     if not len(ys):
         return stack
     hu, labels, boxes = stack.hu.copy(), stack.labels.copy(), stack.boxes.copy()
-    instances = None if stack.instances is None else stack.instances.copy()
+    # int32: the stored ids may be as narrow as uint8, and a new id is one more than the largest
+    instances = None if stack.instances is None else stack.instances.astype(np.int32)
     liver_hu = float(np.median(hu[centre][liver[centre]]))
     for _ in range(int(rng.integers(1, synthesis.max_count + 1))):
         pick = int(rng.integers(len(ys)))
