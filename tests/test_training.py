@@ -239,6 +239,58 @@ def test_the_unet_recipe_s_region_dice_option_reaches_its_loss(monkeypatch):
     assert seen == [unet.LITS_REGIONS, (1, 2)]
 
 
+def _confident_logits(labels: list[int]) -> torch.Tensor:
+    """[1, 3, 1, W] logits that predict ``labels`` with probability ~1."""
+    confident = {0: [50.0, -50.0, -50.0], 1: [-50.0, 50.0, -50.0], 2: [-50.0, -50.0, 50.0]}
+    return torch.tensor([confident[label] for label in labels]).T.reshape(1, 3, 1, len(labels))
+
+
+def test_blob_dice_weighs_a_missed_small_lesion_as_much_as_a_found_large_one():
+    """A 10-pixel lesion found and a 1-pixel lesion missed: the batch Dice barely notices the miss (20/21), the
+    blob Dice averages the two instances (1 and 0); a neighbour found is not a false positive for an instance."""
+    from mixsup.training.losses import blob_dice_loss
+
+    truth = [2] * 10 + [0] * 5 + [2] + [0] * 4
+    labels = torch.tensor([[truth]])
+    instances = torch.tensor([[[1] * 10 + [0] * 5 + [2] + [0] * 4]])
+    missed_small = _confident_logits([2] * 10 + [0] * 10)
+    assert float(soft_dice_loss(missed_small, labels, classes=[2])) == pytest.approx(1 / 21, abs=1e-4)
+    assert float(blob_dice_loss(missed_small, labels, instances)) == pytest.approx(0.5, abs=1e-4)
+    assert float(blob_dice_loss(_confident_logits(truth), labels, instances)) == pytest.approx(0.0, abs=1e-4)
+    # one false-positive pixel outside both lesions lowers both instances' Dice: 1 - (2/3 + 18/19) / 2
+    false_positive = _confident_logits(truth[:19] + [2])
+    assert float(blob_dice_loss(false_positive, labels, instances)) == pytest.approx(1 - (2 / 3 + 20 / 21) / 2,
+                                                                                   abs=1e-4)
+    # a crop without lesions adds nothing (the mean is over crops that hold one), and none at all gives 0
+    two_crops = torch.cat([missed_small, _confident_logits([0] * 20)])
+    no_lesion = torch.zeros(1, 1, 20, dtype=torch.long)
+    assert float(blob_dice_loss(two_crops, torch.cat([labels, no_lesion]), torch.cat([instances, no_lesion]))) == \
+        pytest.approx(0.5, abs=1e-4)
+    assert float(blob_dice_loss(missed_small, no_lesion, no_lesion)) == 0.0
+
+
+def test_the_unet_recipe_s_blob_weight_option_adds_the_blob_loss(monkeypatch):
+    from mixsup.training.recipes import unet
+
+    monkeypatch.setattr(unet, "ce_dice_loss", lambda logits, labels, classes: logits.sum() * 0.0)
+    seen = []
+    monkeypatch.setattr(unet, "blob_dice_loss", lambda logits, labels, instances: seen.append(instances) or
+                        logits.sum() * 0.0 + 1.0)
+    modules = unet.RECIPE.build(TrainConfig.preset("tiny"))
+    optimizers = {"all": torch.optim.SGD(modules.parameters(), lr=0.0)}
+    instances = torch.ones(1, 32, 32, dtype=torch.long)
+    batch = Batch(kind=STRONG, images=torch.zeros(1, 3, 32, 32), boxes=torch.zeros(1, 2, 32, 32),
+                  labels=torch.full((1, 32, 32), 2, dtype=torch.long), instances=instances)
+    losses = [unet.RECIPE.train_step("train", modules, {STRONG: batch}, optimizers,
+                                     TrainConfig.preset("tiny", options={"blob_weight": weight}))["loss"]
+              for weight in (0.0, 0.5)]
+    assert losses == pytest.approx([0.0, 0.5]) and len(seen) == 1 and seen[0] is instances
+    without_ids = Batch(kind=STRONG, images=batch.images, boxes=batch.boxes, labels=batch.labels)
+    with pytest.raises(ValueError, match="instance ids"):
+        unet.RECIPE.train_step("train", modules, {STRONG: without_ids}, optimizers,
+                               TrainConfig.preset("tiny", options={"blob_weight": 0.5}))
+
+
 def test_config_file_then_flags(phantoms, tmp_path):
     from mixsup.training.trainer import read_config_file
 
