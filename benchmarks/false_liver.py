@@ -11,7 +11,10 @@ labels restored, post-processed), per style:
   from the organ is a failure to tell tissue apart in-plane, near it perhaps a lack of z context;
 * the Dice the liver would reach with no false positive on liver-free slices;
 * missed lesion voxels, and how many of them the network left outside the liver altogether (background): a lesion
-  at the liver's edge that it took for a neighbouring structure costs liver Dice too, one taken for liver does not.
+  at the liver's edge that it took for a neighbouring structure costs liver Dice too, one taken for liver does not;
+* per lesion size bin (mL), lesions there are, found (any voxel labelled lesion) and the share of their voxels
+  covered (``lesion_breakdown.lesion_outcomes``): the global lesion Dice is decided by the large lesions, this says
+  whether the small ones are seen at all.
 
 Usage: python benchmarks/false_liver.py [NAME=]NETWORK_DIR ... [--cases 8] [--out FILE.json]
 """
@@ -29,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from evaluate_served_model import labels_in_process, own_phantoms  # noqa: E402
+from lesion_breakdown import bin_names, lesion_outcomes  # noqa: E402
 from measure import print_and_write  # noqa: E402
 
 from mixsup.metrics import dice_from_counts  # noqa: E402
@@ -64,7 +68,12 @@ def score(network: Path, cases: list[tuple[Path, Path]], device: str) -> dict:
         truth, spacing = labels_scan.canonical()
         predicted = labels_in_process(read_scan(volume_path), network, device=device)
         canonical = dataclasses.replace(labels_scan, voxels=predicted).canonical()[0]
-        for key, value in liver_errors(canonical, truth, float(spacing[0])).items():
+        instances = read_scan(label_path.with_name(label_path.name.replace("segmentation", "instances")))
+        counts = liver_errors(canonical, truth, float(spacing[0]))
+        lesions = lesion_outcomes(canonical, instances.canonical()[0].astype(np.int64), truth > 0,
+                                  float(np.prod(spacing)) / 1000.0)
+        counts.update({f"lesion_{key}": lesions[key] for key in ("lesions", "detected", "voxels", "covered")})
+        for key, value in counts.items():
             total[key] = total.get(key, 0) + value
     tp, fp, fn, free = total["tp"], total["fp"], total["fn"], total["fp_liver_free_slices"]
     lesion = dice_from_counts(total["lesion_tp"], total["lesion_fp"], total["lesion_fn"])
@@ -74,7 +83,11 @@ def score(network: Path, cases: list[tuple[Path, Path]], device: str) -> dict:
             "false_liver_on_liver_free_slices_by_z_mm": {
                 f"{lo}-{hi}" if hi is not None else f"{lo}+": int(n) for lo, hi, n in zip(edges, edges[1:], free)},
             "dice_liver_without_those": round(dice_from_counts(tp, fp - int(free.sum()), fn), 4),
-            "missed_lesion_voxels": total["lesion_fn"], "missed_lesion_as_background": total["lesion_fn_background"]}
+            "missed_lesion_voxels": total["lesion_fn"], "missed_lesion_as_background": total["lesion_fn_background"],
+            "lesions_by_size": {name: {"lesions": int(n), "found": int(found), "voxels_covered": round(float(c / v), 3)}
+                                for name, n, found, c, v in zip(bin_names(), total["lesion_lesions"],
+                                                                total["lesion_detected"], total["lesion_covered"],
+                                                                np.maximum(total["lesion_voxels"], 1))}}
 
 
 def main() -> None:
