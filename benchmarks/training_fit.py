@@ -39,24 +39,26 @@ from mixed_supervision import (  # noqa: E402
 )
 
 from mixsup.training.data.manifest import STRONG, WEAK, load_dataset  # noqa: E402
+from mixsup.training.trainer import load_checkpoint  # noqa: E402
 
 SETS = ("strong", "weak", "test")
 METRICS = ("liver_dice_global", "lesion_dice_global", *(f"lesion_voxels_{name}" for name in LESION_COUNTS))
 
 
-def training_cases(run: Path, pool: Path, validation_cases: int) -> dict[str, list[str]]:
-    """Case ids a run trained on, by supervision: its manifest's strong cases but the last ``validation_cases``
-    (the trainer validates on those), and its weak cases."""
+def training_cases(run: Path, pool: Path) -> dict[str, list[str]]:
+    """Case ids a run trained on, by supervision: its manifest's strong cases but those its checkpoint says it
+    validated on, and its weak cases."""
+    validated = set(load_checkpoint(run / "best.pt")["validation_cases"])
     cases = load_dataset(pool / f"manifest-{run.name}.json").cases
-    strong = [c.case for c in cases if c.supervision == STRONG]
-    return {"strong": strong[:len(strong) - validation_cases], "weak": [c.case for c in cases if c.supervision == WEAK]}
+    return {"strong": [c.case for c in cases if c.supervision == STRONG and c.case not in validated],
+            "weak": [c.case for c in cases if c.supervision == WEAK]}
 
 
-def row_fit(runs: list[Path], pool: Path, everything: dict[str, object], test: list, validation_cases: int) -> dict:
+def row_fit(runs: list[Path], pool: Path, everything: dict[str, object], test: list) -> dict:
     """Means over ``runs`` of :data:`METRICS` on each of :data:`SETS` (a set a row lacks is left out)."""
     scores: dict[str, list[dict[str, float]]] = {name: [] for name in SETS}
     for run in runs:
-        ids = training_cases(run, pool, validation_cases)
+        ids = training_cases(run, pool)
         for name in ("strong", "weak"):
             if ids[name]:
                 scores[name].append(evaluate_checkpoint(run / "best.pt", [everything[i] for i in ids[name]]))
@@ -86,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     # manifest's cases in order.
     everything = dict(zip((case.case for case in load_dataset(pool).cases), own_test_set(pool, contract)))
     test = own_test_set(args.work / "test", contract)
-    validation_cases = preset.train["validation_cases"]
-    rows = score_kept_rows(args.work, args.rows, lambda runs: row_fit(runs, pool, everything, test, validation_cases))
+    rows = score_kept_rows(args.work, args.rows, lambda runs: row_fit(runs, pool, everything, test))
     results = {"work": str(args.work), "rows": rows}
     report(results, markdown(results), args.out)
 
