@@ -202,6 +202,12 @@ def test_soft_dice_loss_hand_computed():
     assert float(soft_dice_loss(logits, target, classes=[1])) == pytest.approx(1 - 2 / 3, abs=1e-4)
 
 
+def _confident_logits(labels: list[int]) -> torch.Tensor:
+    """[1, 3, 1, W] logits that predict ``labels`` with probability ~1."""
+    confident = {0: [50.0, -50.0, -50.0], 1: [-50.0, 50.0, -50.0], 2: [-50.0, -50.0, 50.0]}
+    return torch.tensor([confident[label] for label in labels]).T.reshape(1, 3, 1, len(labels))
+
+
 def test_region_dice_charges_a_lesion_taken_for_background_as_missed_liver_too():
     """Truth: liver, liver, lesion, lesion. One lesion pixel predicted as liver, or as background. Class Dice
     (liver, lesion) charges the first more (it is also false liver); LiTS's regions (liver ∪ lesion, lesion) charge
@@ -209,12 +215,7 @@ def test_region_dice_charges_a_lesion_taken_for_background_as_missed_liver_too()
     from mixsup.training.losses import LITS_REGIONS
 
     target = torch.tensor([[[1, 1, 2, 2]]])
-    confident = {0: [50.0, -50.0, -50.0], 1: [-50.0, 50.0, -50.0], 2: [-50.0, -50.0, 50.0]}
-
-    def logits(labels):
-        return torch.tensor([confident[label] for label in labels]).T.reshape(1, 3, 1, 4)
-
-    as_liver, as_background = logits([1, 1, 1, 2]), logits([1, 1, 0, 2])
+    as_liver, as_background = _confident_logits([1, 1, 1, 2]), _confident_logits([1, 1, 0, 2])
     by_classes = [float(soft_dice_loss(x, target, classes=(1, 2))) for x in (as_liver, as_background)]
     by_regions = [float(soft_dice_loss(x, target, classes=LITS_REGIONS)) for x in (as_liver, as_background)]
     assert by_classes[0] > by_classes[1]
@@ -237,12 +238,6 @@ def test_the_unet_recipe_s_region_dice_option_reaches_its_loss(monkeypatch):
         config = TrainConfig.preset("tiny", options={"region_dice": option})
         unet.RECIPE.train_step("train", modules, {STRONG: batch}, optimizers, config)
     assert seen == [unet.LITS_REGIONS, (1, 2)]
-
-
-def _confident_logits(labels: list[int]) -> torch.Tensor:
-    """[1, 3, 1, W] logits that predict ``labels`` with probability ~1."""
-    confident = {0: [50.0, -50.0, -50.0], 1: [-50.0, 50.0, -50.0], 2: [-50.0, -50.0, 50.0]}
-    return torch.tensor([confident[label] for label in labels]).T.reshape(1, 3, 1, len(labels))
 
 
 def test_blob_dice_weighs_a_missed_small_lesion_as_much_as_a_found_large_one():
