@@ -244,7 +244,8 @@ def train_run(row: Row, seed: int, manifest: Path, out: Path, preset: Preset) ->
     done = out / "seconds.txt"
     if done.is_file():
         return float(done.read_text())
-    settings = {**preset.train, "validation_cases": preset.validation, **preset.recipe_options.get(row.recipe, {}),
+    # validation_cases first: a --set override of it still wins, as it did when the presets listed it
+    settings = {"validation_cases": preset.validation, **preset.train, **preset.recipe_options.get(row.recipe, {}),
                 **dict(row.options), "seed": seed}
     command = [str(BIN / "mixsup-train"), row.recipe, "--data", str(manifest), "--out", str(out), "--no-progress",
                *[arg for key, value in settings.items() for arg in ("--set", f"{key}={json.dumps(value)}")]]
