@@ -68,6 +68,9 @@ class TrainConfig:
     #: lesions no run can memorise. 0.5 lifted held-out lesion Dice where a long schedule memorises a small pool and
     #: lowered it at the bundled model's scale (benchmarks/results/synthetic_lesions), so the default stays 0.
     synthetic_lesions: float = 0.0
+    #: Share of the lesion-centred crops centred on a lesion instance drawn uniformly (SliceSampler), so that small
+    #: lesions are seen as often as large ones; 0 draws a lesion slice uniformly, as the bundled model v9 did.
+    lesion_instance_fraction: float = 0.0
     epochs: int = 30
     iterations_per_epoch: int = 50
     learning_rate: float = 2e-3
@@ -474,7 +477,9 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
         synthesis = LesionSynthesis(probability=config.synthetic_lesions)
         samplers = {kind: SliceSampler(volumes_by_kind[kind], crop=config.crop, context_slices=config.context_slices,
                                        augmentation=Augmentation(),
-                                       foreground_fraction=config.foreground_fraction, lesion_synthesis=synthesis)
+                                       foreground_fraction=config.foreground_fraction,
+                                       lesion_instance_fraction=config.lesion_instance_fraction,
+                                       lesion_synthesis=synthesis)
                     for kind in sizes}
         validator = recipe.validation_network(stage, modules)
 

@@ -33,7 +33,7 @@ class Volume:
     pseudo-labels a previous stage wrote, else None; ``instances`` [D,H,W] lesion instance ids (0 elsewhere; in
     the smallest unsigned type that holds them) beside ``labels``, so touching lesions stay apart, else None;
     ``spacing`` the arrays' voxel size (mm, z y x); ``sample_slices`` the slices worth sampling more often
-    (those with organ or boxes).
+    (those with organ or boxes); ``instance_slices`` each lesion instance's id and the z range it spans.
     """
 
     hu: np.ndarray
@@ -46,12 +46,17 @@ class Volume:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     sample_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     lesion_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    instance_slices: list[tuple[int, slice]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not len(self.sample_slices):
             self.sample_slices = np.flatnonzero(self.marked(all_classes=True).any(axis=(1, 2)))
         if not len(self.lesion_slices):
             self.lesion_slices = np.flatnonzero(self.marked(all_classes=False).any(axis=(1, 2)))
+        if not self.instance_slices and self.instances is not None:
+            # ids whose lesion vanished in the in-plane resampling have no extent (None)
+            self.instance_slices = [(index + 1, extent[0]) for index, extent in
+                                    enumerate(ndimage.find_objects(self.instances)) if extent is not None]
 
     def marked(self, all_classes: bool, z: int | slice = slice(None)) -> np.ndarray:
         """Where slice(s) ``z`` show organ, lesion or a box (``all_classes``), or only lesion or a lesion box."""
@@ -166,9 +171,13 @@ class SliceSampler:
 
     ``lesion_fraction`` of the crops are centred near a lesion pixel (mask, or lesion box of a weak case) of a
     volume that has one: lesions are a small share of the voxels and would otherwise be seen rarely (nnU-Net
-    forces a third of its crops onto foreground for the same reason). Of the rest, ``foreground_fraction`` are
-    centred near any marked pixel (organ, lesion or box), the others anywhere (the only crops of slices without
-    the organ). One random geometry is applied to the image, labels, box masks and soft labels alike.
+    forces a third of its crops onto foreground for the same reason). ``lesion_instance_fraction`` of those are
+    centred on one lesion instance drawn uniformly among the volume's (where it has instance ids), the others on a
+    lesion slice drawn uniformly: by slice, a 30 mm lesion spanning ten slices gets ten times the crops of a 5 mm
+    one on a single slice, and its pixels outnumber the small one's on a shared slice. Of the rest,
+    ``foreground_fraction`` are centred near any marked pixel (organ, lesion or box), the others anywhere (the only
+    crops of slices without the organ). One random geometry is applied to the image, labels, box masks and soft
+    labels alike.
     """
 
     volumes: list[Volume]
@@ -176,6 +185,7 @@ class SliceSampler:
     context_slices: int = 3
     foreground_fraction: float = 0.8
     lesion_fraction: float = 1.0 / 3.0
+    lesion_instance_fraction: float = 0.0
     augmentation: Augmentation = field(default_factory=Augmentation)
     lesion_synthesis: LesionSynthesis = field(default_factory=LesionSynthesis)
 
@@ -185,12 +195,27 @@ class SliceSampler:
         for slices, all_classes, fraction in ((volume.lesion_slices, False, self.lesion_fraction),
                                               (volume.sample_slices, True, self.foreground_fraction)):
             if len(slices) and draw < fraction:
-                z = int(rng.choice(slices))
-                ys, xs = np.nonzero(volume.marked(all_classes, z))
+                # the extra draw only when the option is on, so runs without it keep their random stream
+                by_instance = (not all_classes and self.lesion_instance_fraction > 0 and volume.instance_slices
+                               and rng.random() < self.lesion_instance_fraction)
+                z, marked = self._lesion_instance(volume, rng) if by_instance else (None, None)
+                if z is None:
+                    z = int(rng.choice(slices))
+                    marked = volume.marked(all_classes, z)
+                ys, xs = np.nonzero(marked)
                 pick = rng.integers(len(ys))
                 return z, (ys[pick] + rng.normal(0, self.crop / 6), xs[pick] + rng.normal(0, self.crop / 6))
             draw = rng.random()
         return int(rng.integers(depth)), (rng.uniform(0, height), rng.uniform(0, width))
+
+    @staticmethod
+    def _lesion_instance(volume: Volume, rng: np.random.Generator) -> tuple[int | None, np.ndarray | None]:
+        """A slice of one lesion instance drawn uniformly among the volume's, and that lesion's pixels on it
+        (None, None where the drawn slice of its z range misses it: a lesion need not be convex)."""
+        lesion_id, z_range = volume.instance_slices[rng.integers(len(volume.instance_slices))]
+        z = int(rng.integers(z_range.start, z_range.stop))
+        pixels = volume.instances[z] == lesion_id
+        return (z, pixels) if pixels.any() else (None, None)
 
     def _stack(self, volume: Volume, z: int, indices: np.ndarray, center: tuple[float, float],
                rng: np.random.Generator) -> Stack:
