@@ -12,28 +12,9 @@ work=${1:-runs/default-model}
 # One manifest over the first N cases of both folders (a case's seed depends on its index only, so the first 160
 # of 320 are the cases a --n 160 run makes): the last 3 of each style go last, so the 6 validation cases (the
 # trainer validates on the last ones) hold both styles.
-manifest() {
-    python - "$work" "$1" "$2" <<'PY'
-import sys
-from dataclasses import replace
-from pathlib import Path
-
-from mixsup.training.data.manifest import Manifest, load_dataset, validate_manifest, write_manifest
-
-work, count, path = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-styles = [load_dataset(work / style).cases[:count] for style in ("classic", "randomized")]
-ordered = [(style, case) for cut in (slice(None, -3), slice(-3, None))
-           for style, cases in zip(("classic", "randomized"), styles) for case in cases[cut]]
-cases = [replace(case, case=str(index), root=None,
-                 **{key: f"{style}/{getattr(case, key)}" for key in ("volume", "segmentation", "boxes", "instances")})
-         for index, (style, case) in enumerate(ordered)]
-manifest = Manifest(cases=cases, root=work)
-validate_manifest(manifest)
-write_manifest(manifest, path)
-PY
-}
-manifest 160 "$work/manifest-320.json"
-manifest 320 "$work/manifest-640.json"
+for n in 160 320; do
+    mixsup-data merge "$work/manifest-$((2 * n)).json" "$work/classic" "$work/randomized" --first $n --last-of-each 3
+done
 mixsup-train unet --data "$work/manifest-320.json" --out "$work/run" --preset default --no-progress \
     --set validation_cases=6 --set epochs=200
 # v7's validation Dice was still rising at its last epoch: a new one-cycle schedule from its weights.

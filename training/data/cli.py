@@ -11,6 +11,10 @@ affine composed so the world geometry is unchanged: every loader must get the sa
 re-deals the cases of DIR that have masks (a phantom folder or a plain LiTS download) into strong, weak (mask
 hidden, boxes derived from it, optionally perturbed as in the teacher-student paper), held-out test and unlabeled
 cases; see :mod:`mixsup.training.data.split`. An existing manifest is copied to ``manifest.json.bak`` first.
+
+``mixsup-data merge OUT DATASET [DATASET ...] [--first N] [--last-of-each K]`` writes one manifest over several
+datasets (:func:`mixsup.training.data.manifest.merge_manifests`): a training set of two phantom styles, or phantoms
+beside a LiTS folder, with the last K cases of each at the end so the trainer's validation cases hold every one.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ from mixsup.training.data.manifest import (
     Case,
     Manifest,
     instances_path,
+    load_dataset,
+    merge_manifests,
     validate_manifest,
     write_manifest,
 )
@@ -205,6 +211,17 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.is_dir():
+        raise InputError(f"{out}: is a folder; give the manifest's file name")
+    merged = merge_manifests([load_dataset(source) for source in args.datasets], out, args.first, args.last_of_each)
+    validate_manifest(merged)
+    write_manifest(merged, out)
+    print(f"merged {len(merged.cases)} cases from {len(args.datasets)} datasets into {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Make and manage mixsup training datasets.")
     add_debug_flag(parser)
@@ -257,6 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="manifest file to write (default DIR/manifest.json); its paths are relative to its folder")
     split.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the full traceback on errors")
     split.set_defaults(handler=cmd_split)
+
+    merge = commands.add_parser(
+        "merge", help="write one manifest over the cases of several datasets",
+        description="Write one manifest over several datasets (folders with a manifest or LiTS naming, or manifest "
+                    "files): each dataset's cases in order, renumbered 0, 1, ..., paths relative to the new "
+                    "manifest's folder, supervision kept. With --last-of-each K the last K cases of every dataset "
+                    "go at the end, so that the trainer's validation cases (a manifest's last ones) hold each.")
+    merge.add_argument("out", metavar="OUT", help="manifest file to write")
+    merge.add_argument("datasets", metavar="DATASET", nargs="+", help="dataset folders or manifest files")
+    merge.add_argument("--first", type=int, default=None, metavar="N",
+                       help="take only the first N cases of each dataset (default all)")
+    merge.add_argument("--last-of-each", type=int, default=0, metavar="K",
+                       help="move each dataset's last K (chosen) cases to the end, in dataset order (default 0)")
+    merge.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the full traceback on errors")
+    merge.set_defaults(handler=cmd_merge)
     return parser
 
 

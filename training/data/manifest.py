@@ -37,8 +37,9 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -268,6 +269,35 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike | None = None) ->
     with atomic_path(path, ".json") as tmp:
         tmp.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
     return path
+
+
+def merge_manifests(sources: Sequence[Manifest], path: str | os.PathLike, first: int | None = None,
+                    last_of_each: int = 0) -> Manifest:
+    """One manifest, to be written at ``path``, over the cases of several datasets (e.g. two phantom styles).
+
+    Each source contributes its first ``first`` cases (all if None), in order, with paths made relative to
+    ``path``'s folder and cases renumbered ``0, 1, ...``. The last ``last_of_each`` cases of every source go at
+    the end, after all the others: the trainer validates on a manifest's last cases, so its validation set then
+    holds every source.
+    """
+    if first is not None and first < 1:
+        raise InputError(f"first must be at least 1, got {first}")
+    chosen = [source.cases[:first] for source in sources]
+    if last_of_each < 0 or any(last_of_each >= len(cases) for cases in chosen):
+        raise InputError(f"last_of_each must be 0 or more and leave every source a case before it, got {last_of_each}")
+    folder = Path(path).absolute().parent
+    cuts = (slice(None, -last_of_each), slice(-last_of_each, None)) if last_of_each else (slice(None),)
+    ordered = [(source, case) for cut in cuts for source, cases in zip(sources, chosen) for case in cases[cut]]
+
+    def moved(source: Manifest, relative: str | None) -> str | None:
+        if relative is None:
+            return None
+        return Path(os.path.relpath(Path(source.root).absolute() / relative, folder)).as_posix()
+
+    paths = ("volume", "segmentation", "boxes", "instances")
+    cases = [replace(case, case=str(index), root=None, **{key: moved(source, getattr(case, key)) for key in paths})
+             for index, (source, case) in enumerate(ordered)]
+    return Manifest(cases=cases, root=folder)
 
 
 # ------------------------------------------------------------------------------------------- file naming
