@@ -30,12 +30,14 @@ Usage (one command; the CPU preset is sized to finish in about an hour on 2 core
 
     python benchmarks/mixed_supervision.py [--preset cpu|cuda] [--seeds 0 1 2] [--work DIR] [--rows ...]
 
-Writes ``benchmarks/results/mixed_supervision.{json,md}`` and ``mixed_supervision_{rows,sweep}.png``. With
+Writes ``benchmarks/results/mixed_supervision.{json,md}`` and ``mixed_supervision_{rows,sweep,curves}.png`` (the
+curves: validation Dice per epoch of each main row's exported network, from its runs' ``log.csv``). With
 ``--work DIR`` the phantoms and runs are kept, and a rerun skips the runs that finished.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shlex
 import subprocess
@@ -339,6 +341,16 @@ def interval(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(values.mean()), "ci95": half}
 
 
+def validation_curve(log_csv: Path) -> dict[str, list[float]]:
+    """Validation liver and lesion Dice per epoch of a run's last stage (the network that is exported and scored;
+    a teacher-student run's student), from its ``log.csv``: whether the schedule, not the method, set the row."""
+    with open(log_csv, newline="") as handle:
+        epochs = list(csv.DictReader(handle))
+    last = [epoch for epoch in epochs if epoch["stage"] == epochs[-1]["stage"]]
+    return {"epoch": [int(e["epoch"]) for e in last], "dice_liver": [float(e["dice_liver"]) for e in last],
+            "dice_lesion": [float(e["dice_lesion"]) for e in last]}
+
+
 def summarise(row: Row, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row of the results: means over seeds of every metric, per-seed values and intervals."""
     summary: dict[str, Any] = {"method": row.method, "recipe": row.recipe, "strong": row.strong, "weak": row.weak,
@@ -352,6 +364,7 @@ def summarise(row: Row, runs: list[dict[str, Any]]) -> dict[str, Any]:
             summary[key] = interval(values)["mean"]
             summary.setdefault("intervals", {})[key] = interval(values)
             summary.setdefault("per_seed", {})[key] = values
+    summary["validation_curves"] = [r["validation_curve"] for r in runs]
     quality = [r["pseudo_label_quality"] for r in runs if r.get("pseudo_label_quality")]
     if quality:
         for metric in ("dice_liver", "dice_lesion"):
@@ -382,7 +395,7 @@ def markdown_table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> s
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], out_rows: Path, out_sweep: Path) -> None:
+def plot(rows: list[dict[str, Any]], out_rows: Path, out_sweep: Path, out_curves: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,6 +416,21 @@ def plot(rows: list[dict[str, Any]], out_rows: Path, out_sweep: Path) -> None:
     axes[0].legend()
     figure.tight_layout()
     figure.savefig(out_rows, dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, key, title in ((axes[0], "dice_liver", "liver"), (axes[1], "dice_lesion", "lesion")):
+        for row in main:
+            curves = row["validation_curves"]
+            length = min(len(c[key]) for c in curves)
+            axis.plot(curves[0]["epoch"][:length], np.mean([c[key][:length] for c in curves], axis=0),
+                      marker=".", label=row["method"])
+        axis.set_xlabel("epoch of the exported network's stage")
+        axis.set_title(f"validation {title} Dice (mean over seeds)")
+        axis.set_ylim(0, 1)
+    axes[1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_curves, dpi=110)
     plt.close(figure)
 
     sweep = [by_method[m] for m in SWEEP if m in by_method]
@@ -439,7 +467,7 @@ def write_reports(document: dict[str, Any], folder: Path) -> None:
         f"{document['wall_seconds'] / 60:.1f} min wall for this invocation; the runs' training took "
         f"{document['training_seconds_total'] / 60:.1f} min in all, {document['settings']['jobs']} at a time "
         f"(a rerun over kept runs only evaluates them).\n\n{table}")
-    plot(rows, folder / "mixed_supervision_rows.png", folder / "mixed_supervision_sweep.png")
+    plot(rows, *(folder / f"mixed_supervision_{name}.png" for name in ("rows", "sweep", "curves")))
     print(table)
 
 
@@ -564,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seconds = train_run(row, seed, manifest, out, preset)
             result = {"seed": seed, "seconds": seconds,
                       **{key: evaluate_checkpoint(out / "best.pt", cases) for key, cases in test_sets.items()}}
+            result["validation_curve"] = validation_curve(out / "log.csv")
             quality = out / "pseudo_label_quality.json"
             if quality.is_file():
                 result["pseudo_label_quality"] = json.loads(quality.read_text())

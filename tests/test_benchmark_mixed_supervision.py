@@ -96,6 +96,13 @@ def test_smoke_preset_writes_rows_table_and_plots(benchmark, benchmark_module, t
     assert "pseudo_label_dice_liver" in document["rows"][2]
     assert "| teacher-student |" in (results / "mixed_supervision.md").read_text()
     assert (results / "mixed_supervision_rows.png").stat().st_size > 1000
+    assert (results / "mixed_supervision_curves.png").stat().st_size > 1000
+    # the curve is the exported stage's: the teacher-student row's student epochs, each seed's from its log.csv
+    curve = document["rows"][2]["validation_curves"][0]
+    student = [line.split(",") for line in (tmp_path / "work" / "runs" / "teacher-student-seed0" / "log.csv")
+               .read_text().splitlines()[1:] if line.startswith("student,")]
+    assert curve["epoch"] == [int(line[1]) for line in student]
+    assert curve["dice_lesion"] == [float(line[4]) for line in student]
 
     # training_fit.py scores the same runs on the cases they trained on: a row without weak cases has no weak set
     fit = benchmark_module("training_fit")
