@@ -23,8 +23,7 @@ def two_styles(tmp_path_factory):
 
 
 def test_merged_manifest_orders_each_datasets_last_cases_last(two_styles):
-    out = two_styles / "runs" / "manifest.json"
-    out.parent.mkdir()
+    out = two_styles / "runs" / "manifest.json"  # a folder that does not exist yet
     assert cli.main(["merge", str(out), str(two_styles / "classic"), str(two_styles / "randomized"),
                      "--first", "3", "--last-of-each", "1"]) == 0
     merged = load_dataset(out)

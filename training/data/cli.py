@@ -217,6 +217,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise InputError(f"{out}: is a folder; give the manifest's file name")
     merged = merge_manifests([load_dataset(source) for source in args.datasets], out, args.first, args.last_of_each)
     validate_manifest(merged)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(merged, out)
     print(f"merged {len(merged.cases)} cases from {len(args.datasets)} datasets into {out}")
     return 0
