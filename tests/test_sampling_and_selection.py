@@ -89,7 +89,7 @@ def test_lesion_crops_can_be_drawn_per_lesion_not_per_slice():
     30x30 px one spanning ten slices; drawing a lesion instance centres half of them on each. The trainer's
     default keeps the per-slice draw (the bundled model's)."""
     volume = strong_volume()
-    assert volume.instance_slices == []
+    assert volume.instance_extents() == []
     assert small_lesion_share(0.0) < 0.02
     assert 0.35 < small_lesion_share(1.0) < 0.65
     assert 0.15 < small_lesion_share(0.5) < 0.35

@@ -33,7 +33,7 @@ class Volume:
     pseudo-labels a previous stage wrote, else None; ``instances`` [D,H,W] lesion instance ids (0 elsewhere; in
     the smallest unsigned type that holds them) beside ``labels``, so touching lesions stay apart, else None;
     ``spacing`` the arrays' voxel size (mm, z y x); ``sample_slices`` the slices worth sampling more often
-    (those with organ or boxes); ``instance_slices`` each lesion instance's id and the z range it spans.
+    (those with organ or boxes).
     """
 
     hu: np.ndarray
@@ -46,17 +46,23 @@ class Volume:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     sample_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     lesion_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    instance_slices: list[tuple[int, slice]] = field(default_factory=list)
+    _instance_extents: list[tuple[int, slice]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not len(self.sample_slices):
             self.sample_slices = np.flatnonzero(self.marked(all_classes=True).any(axis=(1, 2)))
         if not len(self.lesion_slices):
             self.lesion_slices = np.flatnonzero(self.marked(all_classes=False).any(axis=(1, 2)))
-        if not self.instance_slices and self.instances is not None:
+
+    def instance_extents(self) -> list[tuple[int, slice]]:
+        """Each lesion instance's id and the z range it spans (none without instance ids). Found on first use: only
+        runs that draw crops per lesion need it, and it is a pass over the volume."""
+        if self._instance_extents is None:
+            extents = [] if self.instances is None else ndimage.find_objects(self.instances)
             # ids whose lesion vanished in the in-plane resampling have no extent (None)
-            self.instance_slices = [(index + 1, extent[0]) for index, extent in
-                                    enumerate(ndimage.find_objects(self.instances)) if extent is not None]
+            self._instance_extents = [(index + 1, extent[0]) for index, extent in enumerate(extents)
+                                      if extent is not None]
+        return self._instance_extents
 
     def marked(self, all_classes: bool, z: int | slice = slice(None)) -> np.ndarray:
         """Where slice(s) ``z`` show organ, lesion or a box (``all_classes``), or only lesion or a lesion box."""
@@ -195,27 +201,29 @@ class SliceSampler:
         for slices, all_classes, fraction in ((volume.lesion_slices, False, self.lesion_fraction),
                                               (volume.sample_slices, True, self.foreground_fraction)):
             if len(slices) and draw < fraction:
-                # the extra draw only when the option is on, so runs without it keep their random stream
-                by_instance = (not all_classes and self.lesion_instance_fraction > 0 and volume.instance_slices
-                               and rng.random() < self.lesion_instance_fraction)
-                z, marked = self._lesion_instance(volume, rng) if by_instance else (None, None)
-                if z is None:
-                    z = int(rng.choice(slices))
-                    marked = volume.marked(all_classes, z)
+                z, marked = self._marked_slice(volume, slices, all_classes, rng)
                 ys, xs = np.nonzero(marked)
                 pick = rng.integers(len(ys))
                 return z, (ys[pick] + rng.normal(0, self.crop / 6), xs[pick] + rng.normal(0, self.crop / 6))
             draw = rng.random()
         return int(rng.integers(depth)), (rng.uniform(0, height), rng.uniform(0, width))
 
-    @staticmethod
-    def _lesion_instance(volume: Volume, rng: np.random.Generator) -> tuple[int | None, np.ndarray | None]:
-        """A slice of one lesion instance drawn uniformly among the volume's, and that lesion's pixels on it
-        (None, None where the drawn slice of its z range misses it: a lesion need not be convex)."""
-        lesion_id, z_range = volume.instance_slices[rng.integers(len(volume.instance_slices))]
-        z = int(rng.integers(z_range.start, z_range.stop))
-        pixels = volume.instances[z] == lesion_id
-        return (z, pixels) if pixels.any() else (None, None)
+    def _marked_slice(self, volume: Volume, slices: np.ndarray, all_classes: bool,
+                      rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        """A slice to centre a crop on and the pixels to centre it near: for a lesion crop, at
+        ``lesion_instance_fraction``, a slice of one lesion drawn uniformly among the volume's and that lesion's
+        pixels on it; otherwise a slice drawn from ``slices`` and its marked pixels (``Volume.marked``)."""
+        # the extra draw only when the option is on, so runs without it keep their random stream
+        if not all_classes and self.lesion_instance_fraction > 0 and volume.instance_extents() \
+                and rng.random() < self.lesion_instance_fraction:
+            extents = volume.instance_extents()
+            lesion_id, z_range = extents[rng.integers(len(extents))]
+            z = int(rng.integers(z_range.start, z_range.stop))
+            pixels = volume.instances[z] == lesion_id
+            if pixels.any():  # the drawn slice of its z range can miss it: a lesion need not be convex
+                return z, pixels
+        z = int(rng.choice(slices))
+        return z, volume.marked(all_classes, z)
 
     def _stack(self, volume: Volume, z: int, indices: np.ndarray, center: tuple[float, float],
                rng: np.random.Generator) -> Stack:
