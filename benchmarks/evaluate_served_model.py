@@ -10,7 +10,8 @@ command (a fresh process per scan, as a user runs it), and reports:
   ``benchmarks/independent_phantoms.py`` (never trained or tuned on);
 * end-to-end seconds of ``mixsup-client segment`` for a 256x256x40 and a 512x512x100 scan, side by side with
   a peer that does the same work in one process with no server (read, pre-process, ONNX Runtime sliding
-  window with the same tiles and blending, post-process, write), and their ratio: what serving costs.
+  window with the same tiles and blending, post-process, write), and their ratio: what serving costs; and with
+  ``mixsup-client segment --single-scale``: what the contract's test spacings cost.
 
 Usage: python benchmarks/evaluate_served_model.py [--repository model_repository] [--cases 10] [--out FILE.json]
        [--no-timing]
@@ -51,9 +52,9 @@ def start_server(repository: Path, log_dir: Path) -> tuple[object, str, float]:
     return process, grpc_url, time.perf_counter() - started
 
 
-def segment_with_cli(scan: Path, out: Path, url: str) -> float:
+def segment_with_cli(scan: Path, out: Path, url: str, *options: str) -> float:
     started = time.perf_counter()
-    subprocess.run([str(BIN / "mixsup-client"), "segment", str(scan), "-o", str(out), "--url", url],
+    subprocess.run([str(BIN / "mixsup-client"), "segment", str(scan), "-o", str(out), "--url", url, *options],
                    check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
@@ -98,23 +99,28 @@ def network_session(network_dir: Path, device: str = "cpu"):
 
 def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MAX_SLICE,
                       postprocess: bool = True, device: str = "cpu", body_window: bool = True) -> np.ndarray:
-    """What ``mixsup-client segment`` writes for ``scan``, computed here: pre-processing to the model grid,
-    whole slices up to ``max_slice`` (0: tiles, 25% overlap, Gaussian) of the window around the body (every pixel
-    with ``body_window`` false), the network on ``device``, labels restored, post-processed."""
-    from mixsup.clients.pipeline import prepare_volume, restore_labels
-    from mixsup.postprocess import postprocess_labels
+    """What ``mixsup-client segment`` writes for ``scan``, computed here: pre-processing to the model grid (to
+    each of the contract's test spacings, if it has several), whole slices up to ``max_slice`` (0: tiles, 25%
+    overlap, Gaussian) of the window around the body (every pixel with ``body_window`` false), the network on
+    ``device``, labels restored (from the mean of the spacings' probabilities), post-processed."""
+    from mixsup.clients.pipeline import answer_on_scan_grid, mean_answer_on_scan_grid, prepare_volume
     from mixsup.serving.fuse import fuse_probabilities
     from mixsup.serving.tiling import BODY_MARGIN, predict_volume_probabilities
 
     contract, session = network_session(network_dir, device)
-    volume, restore = prepare_volume(scan, contract)
-    probabilities = predict_volume_probabilities(
-        volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], contract.patch_size,
-        overlap=0.25, batch_size=8, num_classes=contract.num_classes, context_slices=contract.context_slices,
-        max_slice=max_slice, size_divisor=contract.size_divisor, body_margin=BODY_MARGIN if body_window else None)
+    answers = []
+    for spacing in contract.run_spacings_mm:
+        volume, restore = prepare_volume(scan, contract, spacing)
+        probabilities = predict_volume_probabilities(
+            volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], contract.patch_size,
+            overlap=0.25, batch_size=8, num_classes=contract.num_classes, context_slices=contract.context_slices,
+            max_slice=max_slice, size_divisor=contract.size_divisor,
+            body_margin=BODY_MARGIN if body_window else None)
+        answers.append((probabilities, restore))
+    if len(answers) > 1:
+        return mean_answer_on_scan_grid(answers, False, postprocess)[0]
     labels, _ = fuse_probabilities([probabilities], [1.0])
-    labels = restore_labels(labels, restore, contract.num_classes)
-    return postprocess_labels(labels) if postprocess else labels
+    return answer_on_scan_grid(labels, None, restore, contract.num_classes, postprocess)[0]
 
 
 def own_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int, int],
@@ -143,7 +149,7 @@ def generated_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=HERE.parent / "model_repository")
-    parser.add_argument("--cases", type=int, default=10, help="held-out cases per generator")
+    parser.add_argument("--cases", type=int, default=10, help="held-out cases per generator (0: timing only)")
     parser.add_argument("--seed", type=int, default=90210, help="never a training seed")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--no-timing", action="store_true", help="accuracy only: skip the end-to-end timing")
@@ -153,23 +159,29 @@ def main() -> None:
         server, url, ready_seconds = start_server(args.repository, work)
         try:
             results = {"repository": str(args.repository), "start_to_ready_s": round(ready_seconds, 2)}
-            results["own_phantoms_40x256x256"] = evaluate(
-                own_phantoms(work / "own", args.cases, args.seed, (40, 256, 256)), url, work)
+            if args.cases:
+                results["own_phantoms_40x256x256"] = evaluate(
+                    own_phantoms(work / "own", args.cases, args.seed, (40, 256, 256)), url, work)
             for name, make_case in [("foreign", make_foreign_case), ("independent", make_independent_case)]:
-                results[f"{name}_phantoms_40x256x256"] = evaluate(
-                    generated_phantoms(work / name, args.cases, args.seed, (40, 256, 256), make_case), url, work)
+                if args.cases:
+                    results[f"{name}_phantoms_40x256x256"] = evaluate(
+                        generated_phantoms(work / name, args.cases, args.seed, (40, 256, 256), make_case), url, work)
             timing = {}
             for shape in [] if args.no_timing else [(40, 256, 256), (100, 512, 512)]:
                 (case,) = own_phantoms(work / f"timing-{shape[1]}", 1, args.seed + 7, shape)
                 segment_with_cli(case[0], work / "warmup.nii.gz", url)  # first-call costs are not latency
                 served = [segment_with_cli(case[0], work / "timing.nii.gz", url) for _ in range(3)]
+                single = [segment_with_cli(case[0], work / "timing.nii.gz", url, "--single-scale") for _ in range(3)]
                 peer = [segment_in_process(case[0], work / "peer.nii.gz", args.repository / "unet")
                         for _ in range(3)]
                 timing["x".join(map(str, shape[::-1]))] = {
                     "served_cli_median_s": round(float(np.median(served)), 2),
                     "in_process_median_s": round(float(np.median(peer)), 2),
                     "served_over_in_process": round(float(np.median(served) / np.median(peer)), 2),
-                    "served_runs_s": [round(r, 2) for r in served], "in_process_runs_s": [round(r, 2) for r in peer]}
+                    "served_single_scale_median_s": round(float(np.median(single)), 2),
+                    "served_over_single_scale": round(float(np.median(served) / np.median(single)), 2),
+                    "served_runs_s": [round(r, 2) for r in served], "in_process_runs_s": [round(r, 2) for r in peer],
+                    "single_scale_runs_s": [round(r, 2) for r in single]}
             if timing:
                 results["end_to_end_cli_seconds"] = timing
         finally:

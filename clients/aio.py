@@ -21,7 +21,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from mixsup.clients.pipeline import answer_on_scan_grid, prepare_volume
+from mixsup.clients.pipeline import answer_on_scan_grid, mean_answer_on_scan_grid, prepare_volume
 from mixsup.clients.protocol import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_MODEL,
@@ -61,12 +61,14 @@ class AsyncSegmentationClient:
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         slab_slices: int = DEFAULT_SLAB_SLICES,
+        single_scale: bool = False,
     ):
         self.url = normalize_url(url)
         self.model = model
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.slab_slices = slab_slices
+        self.single_scale = single_scale
         self._endpoint = Endpoint(self.url, model, timeout_s, connect_timeout_s)
         self._grpc: grpcaio.InferenceServerClient | None = None
         self._contract: ModelContract | None = None
@@ -142,13 +144,19 @@ class AsyncSegmentationClient:
         if not isinstance(scan, Scan):
             scan = await asyncio.to_thread(as_scan, scan)
         contract = await self.contract()
-        volume, restore = await asyncio.to_thread(prepare_volume, scan, contract)
-        labels, probability_map = await self._infer(volume, probabilities)
+        spacings = (contract.spacing_mm,) if self.single_scale else contract.run_spacings_mm
+        answers = []
+        for spacing in spacings:  # several: multi-scale, as in SegmentationClient._segment_scan
+            volume, restore = await asyncio.to_thread(prepare_volume, scan, contract, spacing)
+            labels, probability_map = await self._infer(volume, probabilities or len(spacings) > 1)
+            answers.append((probability_map, restore))
 
         def finish() -> Result:
-            on_grid = answer_on_scan_grid(
-                labels, probability_map, restore, contract.num_classes, postprocess, ORGAN_LABEL, LESION_LABEL
-            )
+            if len(answers) > 1:
+                on_grid = mean_answer_on_scan_grid(answers, probabilities, postprocess, ORGAN_LABEL, LESION_LABEL)
+            else:
+                on_grid = answer_on_scan_grid(labels, probability_map, restore, contract.num_classes, postprocess,
+                                              ORGAN_LABEL, LESION_LABEL)
             return Result.build(scan, *on_grid, model=self.model, postprocessed=postprocess, started=started)
 
         return await asyncio.to_thread(finish)

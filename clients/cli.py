@@ -121,7 +121,7 @@ def _client(args: argparse.Namespace, url: str | None = None) -> SegmentationCli
     _check_timeouts(args)
     return SegmentationClient(
         url=url or args.url, model=args.model, timeout_s=args.timeout, connect_timeout_s=args.connect_timeout,
-        shared_memory=getattr(args, "shm", "auto"),
+        shared_memory=getattr(args, "shm", "auto"), single_scale=getattr(args, "single_scale", False),
     )
 
 
@@ -280,7 +280,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def _server_options(several_urls: bool = False, model: str = DEFAULT_MODEL,
-                    shared_memory: bool = False) -> argparse.ArgumentParser:
+                    segmenting: bool = False) -> argparse.ArgumentParser:
+    """Options of the commands that talk to a server; ``segmenting``: also those of the ones that segment scans."""
     options = argparse.ArgumentParser(add_help=False)
     if several_urls:
         options.add_argument(
@@ -302,11 +303,16 @@ def _server_options(several_urls: bool = False, model: str = DEFAULT_MODEL,
         default=DEFAULT_CONNECT_TIMEOUT_S,
         help="seconds a health or metadata call may take (default %(default)g)",
     )
-    if shared_memory:
+    if segmenting:
         options.add_argument(
             "--shm", choices=SHM_MODES, default="auto",
             help="pass the volume and labels through /dev/shm: auto (default) when the server is on a loopback "
                  "address, on, off",
+        )
+        options.add_argument(
+            "--single-scale", action="store_true",
+            help="run the model at its training spacing only, not at each of the test spacings its contract names "
+                 "(faster, a little less accurate)",
         )
     add_debug_flag(options)
     return options
@@ -317,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     server = _server_options()
 
-    segment = commands.add_parser("segment", parents=[_server_options(several_urls=True, shared_memory=True)],
+    segment = commands.add_parser("segment", parents=[_server_options(several_urls=True, segmenting=True)],
                                   help="segment one scan (NIfTI file or DICOM folder)")
     segment.add_argument(
         "scan", metavar="SCAN", help="a .nii / .nii.gz file, or DICOM: a series folder, a .zip of one, or a file"
@@ -349,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(handler=cmd_health)
 
     batch = commands.add_parser(
-        "batch", parents=[_server_options(several_urls=True, shared_memory=True)],
+        "batch", parents=[_server_options(several_urls=True, segmenting=True)],
         help="segment every scan of folders, globs or lists (CSV or text)",
     )
     batch.add_argument(

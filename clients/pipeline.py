@@ -8,6 +8,7 @@ server's answer back onto the scan's stored grid, so a label map has exactly the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -48,13 +49,16 @@ def needs_resampling(spacing_hw: tuple[float, float], target_spacing_hw: tuple[f
     return any(abs(s - t) > SPACING_TOLERANCE * t for s, t in zip(spacing_hw, target_spacing_hw))
 
 
-def prepare_volume(scan: Scan, contract: ModelContract) -> tuple[np.ndarray, Restore]:
-    """The ``segment`` model's input for ``scan``: canonical ``[D, H, W]`` int16 HU at the contract's spacing."""
+def prepare_volume(scan: Scan, contract: ModelContract,
+                   spacing_mm: tuple[float, float] | None = None) -> tuple[np.ndarray, Restore]:
+    """The ``segment`` model's input for ``scan``: canonical ``[D, H, W]`` int16 HU at in-plane ``spacing_mm``
+    (default the contract's)."""
+    target = tuple(contract.spacing_mm if spacing_mm is None else spacing_mm)
     canonical, spacing = scan.canonical()
     canonical_shape = tuple(int(n) for n in canonical.shape)
     model_hw = canonical_shape[1:]
-    if needs_resampling(spacing[1:], contract.spacing_mm):
-        model_hw = inplane_shape(canonical_shape[1:], spacing[1:], contract.spacing_mm)
+    if needs_resampling(spacing[1:], target):
+        model_hw = inplane_shape(canonical_shape[1:], spacing[1:], target)
         # Linear interpolation of HU into float32: the int16 rounding happens once, after resampling.
         canonical = resample_inplane(canonical, model_hw, order=1, dtype=np.float32)
     restore = Restore(
@@ -109,16 +113,63 @@ def restore_labels_canonical(labels_model_grid: np.ndarray, restore: Restore, nu
 
 def restore_probabilities(probabilities_model_grid: np.ndarray, restore: Restore) -> np.ndarray:
     """Probabilities ``[C, D, h, w]`` on the model grid -> float32 ``[C, i, j, k]`` on the stored grid."""
+    return restore_mean_probabilities([(probabilities_model_grid, restore)])
+
+
+def restore_mean_probabilities(answers: Sequence[tuple[np.ndarray, Restore]]) -> np.ndarray:
+    """The mean of probability maps ``[C, D, h, w]``, each on its own model grid (``(probabilities, restore)``
+    pairs of one scan), as float32 ``[C, i, j, k]`` on the scan's stored grid."""
+    restore = answers[0][1]
+    checked = [_checked_probabilities(probabilities, grid) for probabilities, grid in answers]
+    canonical = np.zeros((checked[0].shape[0],) + restore.canonical_shape, dtype=np.float32)
+    for index in range(restore.canonical_shape[0]):
+        for probabilities in checked:
+            canonical[:, index] += resample_inplane(
+                probabilities[:, index].astype(np.float32), restore.canonical_shape[1:], order=1
+            )
+    if len(checked) > 1:
+        canonical /= np.float32(len(checked))
+    return restore.to_stored(canonical)
+
+
+def mean_labels_canonical(answers: Sequence[tuple[np.ndarray, Restore]]) -> np.ndarray:
+    """``uint8`` labels on the canonical grid at the scan's spacing: the argmax of the mean of probability maps
+    ``[C, D, h, w]``, each on its own model grid (``(probabilities, restore)`` pairs of one scan, the client's
+    multi-scale test-time augmentation), each interpolated linearly onto the scan's grid before the mean.
+
+    Where every map gives background at least 0.5 on a slice, so does their mean at every pixel (a linear
+    interpolation stays within its inputs' range): only the window around the other pixels of a slice is
+    resampled, as in :func:`restore_labels_canonical`.
+    """
+    restore = answers[0][1]
+    checked = [(_checked_probabilities(probabilities, grid), grid) for probabilities, grid in answers]
+    canonical = np.zeros(restore.canonical_shape, dtype=np.uint8)
+    out_hw = restore.canonical_shape[1:]
+    for index in range(restore.canonical_shape[0]):
+        windows = []
+        for probabilities, grid in checked:
+            foreground = probabilities[0, index] < 0.5
+            if foreground.any():
+                rows, columns = bounding_box(foreground)
+                windows.append((output_window(grid.model_shape[1], out_hw[0], rows),
+                                output_window(grid.model_shape[2], out_hw[1], columns)))
+        if not windows:
+            continue
+        out_rows = slice(min(w[0].start for w in windows), max(w[0].stop for w in windows))
+        out_columns = slice(min(w[1].start for w in windows), max(w[1].stop for w in windows))
+        total = sum(resample_inplane_window(probabilities[:, index].astype(np.float32), out_hw, out_rows,
+                                            out_columns, order=1)
+                    for probabilities, _ in checked)
+        canonical[index, out_rows, out_columns] = np.argmax(total, axis=0)
+    return canonical
+
+
+def _checked_probabilities(probabilities_model_grid: np.ndarray, restore: Restore) -> np.ndarray:
     probabilities = np.asarray(probabilities_model_grid)
     _check_model_grid(probabilities, restore, "probabilities")
     if probabilities.ndim != 4:
         raise MixsupError(f"the server returned probabilities of shape {probabilities.shape}, expected [C, D, H, W]")
-    canonical = np.empty((probabilities.shape[0],) + restore.canonical_shape, dtype=np.float32)
-    for index in range(restore.canonical_shape[0]):
-        canonical[:, index] = resample_inplane(
-            probabilities[:, index].astype(np.float32), restore.canonical_shape[1:], order=1
-        )
-    return restore.to_stored(canonical)
+    return probabilities
 
 
 def answer_on_scan_grid(
@@ -135,10 +186,30 @@ def answer_on_scan_grid(
     # Post-processed on the canonical grid, where the array is C-ordered (cc3d and fill_voids are fastest so);
     # its rules do not depend on the axes' order or direction.
     labels = restore_labels_canonical(labels_model_grid, restore, num_classes)
-    if postprocess:
-        labels = postprocess_labels(labels, organ_label=organ_label, lesion_label=lesion_label)
-    labels = restore.to_stored(labels)
     probabilities = None
     if probabilities_model_grid is not None:
         probabilities = restore_probabilities(probabilities_model_grid, restore)
-    return labels, probabilities
+    return _finished_labels(labels, restore, postprocess, organ_label, lesion_label), probabilities
+
+
+def mean_answer_on_scan_grid(
+    answers: Sequence[tuple[np.ndarray, Restore]],
+    want_probabilities: bool,
+    postprocess: bool = True,
+    organ_label: int = 1,
+    lesion_label: int = 2,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`answer_on_scan_grid` of the server's probabilities for one scan at several spacings
+    (``(probabilities, restore)`` pairs): labels from their mean on the scan's grid (:func:`mean_labels_canonical`),
+    and that mean itself, float32 ``[C, i, j, k]``, with ``want_probabilities``."""
+    labels = mean_labels_canonical(answers)
+    probabilities = restore_mean_probabilities(answers) if want_probabilities else None
+    return _finished_labels(labels, answers[0][1], postprocess, organ_label, lesion_label), probabilities
+
+
+def _finished_labels(canonical: np.ndarray, restore: Restore, postprocess: bool, organ_label: int,
+                     lesion_label: int) -> np.ndarray:
+    """Canonical labels post-processed (unless not ``postprocess``) and put in the scan's stored voxel order."""
+    if postprocess:
+        canonical = postprocess_labels(canonical, organ_label=organ_label, lesion_label=lesion_label)
+    return restore.to_stored(canonical)

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-slice", type=int, default=DEFAULT_MAX_SLICE, metavar="PIXELS",
                         help="model-grid slices up to this size a side (after padding) are run whole, larger ones in "
                              f"tiles of --patch-size; 0: always tiles (default {DEFAULT_MAX_SLICE})")
+    parser.add_argument("--test-spacings", type=float, nargs="+", metavar="MM",
+                        help="in-plane spacings (mm) the client runs the model at, averaging the probabilities on "
+                             "the scan's grid (multi-scale test-time augmentation; each costs one more run), e.g. "
+                             "1.3 1.6 2.0; default: those of the --member ensemble's members, else the training "
+                             "spacing alone")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--instances", type=int, default=1,
                         help="Triton instances of the network model (and of its window step, which runs a "
@@ -124,6 +129,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise InputError(f"--max-slice must be 0 (always tile) or more, got {args.max_slice}")
     if args.instances < 1:
         raise InputError(f"--instances must be at least 1, got {args.instances}")
+    if args.test_spacings is not None and not all(0 < mm < float("inf") for mm in args.test_spacings):
+        raise InputError(f"--test-spacings must be positive millimetres, got {args.test_spacings}")
     if args.weight is not None and args.member is None:
         raise InputError("--weight is the weight of a --member; name the ensemble with --member")
     if args.member is not None and args.no_ensemble:
@@ -137,7 +144,8 @@ def check_options(args: argparse.Namespace) -> None:
         clashing = [flag for flag, given in [
             ("--format", args.format != "onnx"), ("--backend", args.backend is not None),
             ("--precision", args.precision != "fp32"), ("--member", args.member is not None),
-            ("--keep-detection", args.keep_detection), ("--keep-confidence", args.keep_confidence)] if given]
+            ("--keep-detection", args.keep_detection), ("--keep-confidence", args.keep_confidence),
+            ("--test-spacings", args.test_spacings is not None)] if given]
         if clashing:
             raise InputError(f"--teacher writes an fp32 ONNX annotator for the python backend outside every "
                              f"ensemble; drop {clashing[0]}")
@@ -155,8 +163,8 @@ def detection_settings(args: argparse.Namespace) -> DetectionSettings:
 
 
 def export_contract(args: argparse.Namespace, payload: dict, divisor: int) -> ModelContract:
-    """The checkpoint's contract with what this export decides: patch size, opset, precision, checkpoint, and the
-    network's size divisor (the window step pads whole slices to it)."""
+    """The checkpoint's contract with what this export decides: patch size, opset, precision, checkpoint, the
+    network's size divisor (the window step pads whole slices to it) and the client's test spacings."""
     from mixsup.contract import ModelContract
 
     contract = ModelContract.from_dict(payload["contract"])
@@ -166,7 +174,7 @@ def export_contract(args: argparse.Namespace, payload: dict, divisor: int) -> Mo
     return contract.replace(
         patch_size=(patch, patch), opset=None if args.format == "torchscript" else args.opset,
         precision=args.precision, checkpoint=f"{args.checkpoint.name} sha256:{sha256_of(args.checkpoint)[:16]}",
-        size_divisor=divisor,
+        size_divisor=divisor, test_spacings_mm=tuple(args.test_spacings or ()),
     )
 
 
@@ -204,7 +212,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.teacher:
         return handle_teacher(args)
     from mixsup.contract import CONFIDENCE, DETECTION
-    from mixsup.export.ensemble import plan_ensembles
+    from mixsup.export.ensemble import joined_test_spacings, plan_ensembles
     from mixsup.export.extras import confidence_model, detection_model, export_auxiliary
     from mixsup.export.network import export_model
     from mixsup.export.tensorrt_export import require_tensorrt
@@ -224,6 +232,8 @@ def handle(args: argparse.Namespace) -> int:
     payload = load_checkpoint(args.checkpoint)
     network = network_from_checkpoint(payload)
     contract = export_contract(args, payload, getattr(network, "size_divisor", 1))
+    if args.test_spacings is None:
+        contract = contract.replace(test_spacings_mm=joined_test_spacings(args.repository, args.name, args.member))
     plans = plan_ensembles(args.repository, args.name, contract, args.member,
                            1.0 if args.weight is None else args.weight, args.replace, write=not args.no_ensemble)
     extras = []

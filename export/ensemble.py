@@ -10,6 +10,8 @@
   error (exit 2), so a second model never joins the bundled ``segment`` by accident.
 * Every other ensemble that the re-exported network belongs to is rewritten with the same members, so the
   contract it embeds names the new checkpoint.
+* The members of an ensemble share their test spacings (a client runs the whole ensemble at each): an export that
+  joins one with ``--member`` and no ``--test-spacings`` takes its members' (:func:`joined_test_spacings`).
 
 The plan is made, and the new network's contract checked against every member it will be averaged with, before
 any export work, so a refused export writes nothing.
@@ -97,3 +99,15 @@ def plan_ensembles(repository: Path, network: str, contract: ModelContract, memb
         contracts = [ModelContract.load(repository / name / VERSION / CONTRACT_FILENAME) for name in others]
         check_contracts_agree([network, *others], [contract, *contracts])
     return plans
+
+
+def joined_test_spacings(repository: Path, network: str, member: str | None) -> tuple[float, ...]:
+    """The test spacings of the other members of ensemble ``member`` (none for no ``--member``, a new ensemble,
+    or one whose only member is ``network`` itself)."""
+    if member is None:
+        return ()
+    existing = list_ensembles(repository).get(member) or read_ensemble(repository, member) or ()
+    others = [name for name, _ in existing if name != network]
+    if not others:
+        return ()
+    return ModelContract.load(repository / others[0] / VERSION / CONTRACT_FILENAME).test_spacings_mm

@@ -36,7 +36,7 @@ SEGMENTATION, DETECTION, CONFIDENCE, ANNOTATOR = "segmentation", "detection", "c
 KINDS = (SEGMENTATION, DETECTION, CONFIDENCE, ANNOTATOR)
 #: Fields added after format 1 was in use. They are written only when they differ from their defaults, so the
 #: contract of a plain segmentation network stays what every reader of format 1 (an older client) accepts.
-LATER_FIELDS = ("kind", "extra_inputs", "extra_outputs", "size_divisor")
+LATER_FIELDS = ("kind", "extra_inputs", "extra_outputs", "size_divisor", "test_spacings_mm")
 #: numpy dtype names a tensor of the contract may have.
 TENSOR_DTYPES = ("float32", "float16", "int64", "int32", "int16", "uint8")
 
@@ -102,10 +102,20 @@ class ModelContract:
     extra_inputs: tuple[TensorSpec, ...] = ()
     extra_outputs: tuple[TensorSpec, ...] = ()
     size_divisor: int = 1
+    #: In-plane spacings (mm, square pixels) a client runs the model at, averaging the probabilities on the scan's
+    #: grid (multi-scale test-time augmentation, :mod:`mixsup.clients.pipeline`); empty: ``spacing_mm`` alone.
+    test_spacings_mm: tuple[float, ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def run_spacings_mm(self) -> tuple[tuple[float, float], ...]:
+        """The in-plane spacings (rows, columns) a client runs the model at: each test spacing, or ``spacing_mm``."""
+        if not self.test_spacings_mm:
+            return (tuple(self.spacing_mm),)
+        return tuple((float(s), float(s)) for s in self.test_spacings_mm)
 
     def replace(self, **changes) -> "ModelContract":
         return ModelContract.from_dict({**self.to_dict(), **changes})
@@ -148,7 +158,7 @@ class ModelContract:
         if data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
             raise InputError(f"model contract format {data['format_version']} is not supported")
         values = dict(data)
-        for name in ("class_names", "patch_size", "spacing_mm", "hu_window"):
+        for name in ("class_names", "patch_size", "spacing_mm", "hu_window", "test_spacings_mm"):
             if name in values:
                 values[name] = tuple(values[name])
         for name in ("extra_inputs", "extra_outputs"):
@@ -163,6 +173,9 @@ class ModelContract:
             raise InputError(f"model contract: tensor names repeat: {list(contract.tensor_names)}")
         if contract.size_divisor < 1:
             raise InputError(f"model contract: size_divisor must be at least 1, got {contract.size_divisor}")
+        if not all(isinstance(s, (int, float)) and 0 < s < float("inf") for s in contract.test_spacings_mm):
+            raise InputError(f"model contract: test_spacings_mm must be positive numbers, got "
+                             f"{list(contract.test_spacings_mm)}")
         return contract
 
     @classmethod

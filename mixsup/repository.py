@@ -77,7 +77,7 @@ RESERVED_SUFFIXES = (WINDOW_SUFFIX, "_fuse", *(f"_{kind}" for kind in NETWORK_EX
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                 "int16": "TYPE_INT16", "uint8": "TYPE_UINT8"}
 #: Contract fields every member of one ensemble must share, or their probabilities cannot be averaged.
-SHARED_CONTRACT_FIELDS = ("class_names", "spacing_mm", "context_slices")
+SHARED_CONTRACT_FIELDS = ("class_names", "spacing_mm", "context_slices", "test_spacings_mm")
 
 #: Network runtimes: ONNX Runtime in the python backend, and Triton's native platforms.
 PYTHON, ONNXRUNTIME, TENSORRT_PLAN, LIBTORCH = "python", "onnxruntime", "tensorrt_plan", "pytorch_libtorch"
@@ -657,7 +657,7 @@ def check_model_name(name: str) -> None:
 
 
 def check_contracts_agree(names: Sequence[str], contracts: Sequence[ModelContract]) -> None:
-    """Members of one ensemble must share classes, spacing and context, or averaging them is meaningless."""
+    """Members of one ensemble must share classes, spacings and context, or averaging them is meaningless."""
     first = contracts[0]
     for member, contract in zip(names[1:], contracts[1:]):
         for field_name in SHARED_CONTRACT_FIELDS:

@@ -5,9 +5,12 @@ import pytest
 
 from mixsup.clients.pipeline import (
     Restore,
+    mean_answer_on_scan_grid,
+    mean_labels_canonical,
     needs_resampling,
     prepare_volume,
     restore_labels,
+    restore_mean_probabilities,
     restore_probabilities,
 )
 from mixsup.contract import ModelContract
@@ -166,3 +169,56 @@ def test_restore_resamples_only_around_the_foreground_and_matches_whole_slices(m
     empty_slices = np.zeros((5, *canonical_hw), np.uint8)
     empty_slices[[0, 4]] = 1
     assert stored[restore.to_stored(empty_slices).astype(bool)].max() == 0
+
+
+def soft_probabilities(volume):
+    """A stand-in network's probabilities: smooth in HU, so a resampled grid changes them a little."""
+    liver = 1 / (1 + np.exp(-(volume.astype(np.float32) - 50) / 10))
+    lesion = 1 / (1 + np.exp(-(volume.astype(np.float32) - 150) / 10))
+    return np.stack([1 - liver, liver - lesion, lesion]).astype(np.float16)
+
+
+def test_contract_test_spacings_round_trip_and_name_the_spacings_a_client_runs():
+    contract = ModelContract(spacing_mm=(1.6, 1.6), test_spacings_mm=(1.3, 1.6, 2.0))
+    assert ModelContract.from_json(contract.to_json()) == contract
+    assert contract.run_spacings_mm == ((1.3, 1.3), (1.6, 1.6), (2.0, 2.0))
+    assert ModelContract(spacing_mm=(1.5, 1.2)).run_spacings_mm == ((1.5, 1.2),)
+    assert "test_spacings_mm" not in ModelContract().to_dict()  # older readers still load a single-scale contract
+    for bad in ([0.0], [-1.0], ["1.3"], [float("inf")]):
+        with pytest.raises(InputError, match="test_spacings_mm"):
+            ModelContract.from_dict({**ModelContract().to_dict(), "test_spacings_mm": bad})
+
+
+def test_prepare_volume_at_another_spacing():
+    scan = blob_scan(lps_affine((0.8, 0.8, 2.0)), (40, 40, 3))
+    contract = ModelContract(spacing_mm=(1.6, 1.6))
+    volume, restore = prepare_volume(scan, contract, (1.0, 2.0))
+    assert volume.shape == (3, 32, 16) and restore.model_shape == (3, 32, 16)
+
+
+def test_mean_of_several_spacings_is_the_dense_mean_of_each_restored_map():
+    """The windowed labels equal the argmax of the dense mean (ties aside), the probabilities are that mean, and
+    the mean differs from any one spacing's answer."""
+    scan = blob_scan(psr_affine((0.7, 2.0, 0.7)), (48, 5, 48), inplane_axes=(0, 2))
+    contract = ModelContract(spacing_mm=(1.6, 1.6), test_spacings_mm=(1.3, 1.6, 2.0))
+    answers = []
+    for spacing in contract.run_spacings_mm:
+        volume, restore = prepare_volume(scan, contract, spacing)
+        answers.append((soft_probabilities(volume), restore))
+    assert len({restore.model_shape for _, restore in answers}) == 3
+    mean = restore_mean_probabilities(answers)
+    each = [restore_probabilities(*answer) for answer in answers]
+    np.testing.assert_allclose(mean, sum(each) / 3, atol=1e-5)
+    restore = answers[0][1]
+    canonical = mean_labels_canonical(answers)
+    expected = np.argmax(mean, axis=0)
+    top = np.sort(mean, axis=0)
+    tie = top[-1] - top[-2] < 1e-5
+    stored = restore.to_stored(canonical)
+    assert np.array_equal(stored[~tie], expected[~tie])
+    assert set(np.unique(stored)) == {0, 1, 2}
+    labels, probabilities = mean_answer_on_scan_grid(answers, want_probabilities=True, postprocess=False)
+    assert np.array_equal(labels, stored) and np.array_equal(probabilities, mean)
+    assert labels.shape == scan.voxels.shape
+    assert mean_answer_on_scan_grid(answers, want_probabilities=False)[1] is None
+    assert not any(np.allclose(mean, one, atol=1e-3) for one in each)

@@ -79,6 +79,17 @@ def test_contract_and_entries(repository, tiny_checkpoint):
     assert 'platform: "ensemble"' in segment and "unet_window" in segment
 
 
+def test_test_spacings_reach_the_network_and_ensemble_contracts(tiny_checkpoint, tmp_path):
+    assert export_main([str(tiny_checkpoint), "--repository", str(tmp_path), "--name", "net",
+                        "--test-spacings", "1.3", "1.6", "2"]) == 0
+    network = ModelContract.load(tmp_path / "net" / "1" / "contract.json")
+    ensemble = ModelContract.from_json(read_config(tmp_path / "segment" / "config.pbtxt")
+                                       .parameters["contract"].string_value)
+    for contract in (network, ensemble):
+        assert contract.test_spacings_mm == (1.3, 1.6, 2.0)
+        assert contract.run_spacings_mm == ((1.3, 1.3), (1.6, 1.6), (2.0, 2.0))
+
+
 def test_bad_checkpoint_exits_2_and_writes_nothing(tmp_path, capsys):
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")
@@ -230,7 +241,9 @@ def test_taken_name_is_refused_unless_replace(tiny_checkpoint, tmp_path, capsys)
                                    ["--format", "torchscript", "--backend", "python"],
                                    ["--backend", "python", "--tensorrt-accelerator"],
                                    ["--trt-cache-dir", "/cache"],
-                                   ["--format", "pmml"], ["--precision", "int8"]])
+                                   ["--format", "pmml"], ["--precision", "int8"],
+                                   ["--test-spacings", "0"], ["--test-spacings", "1.3", "-2"],
+                                   ["--teacher", "--test-spacings", "1.3"]])
 def test_meaningless_flags_exit_2(tiny_checkpoint, tmp_path, capsys, flags):
     repository = tmp_path / "repo"
     try:
