@@ -29,4 +29,5 @@ mixsup-train unet --data "$work/manifest-640.json" --out "$work/run-640-more" --
 # v10: once more the same (the control of a per-lesion loss that was not kept; it passed v9's selection rule).
 mixsup-train unet --data "$work/manifest-640.json" --out "$work/run-640-again" --preset default --no-progress \
     --init-from "$work/run-640-more/best.pt" --set validation_cases=6 --set epochs=60 --set learning_rate=6e-4
-mixsup-export "$work/run-640-again/best.pt" --repository model_repository --name unet --replace
+mixsup-export "$work/run-640-again/best.pt" --repository model_repository --name unet --replace \
+    --test-spacings 1.3 1.6 2.0

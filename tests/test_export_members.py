@@ -153,5 +153,10 @@ def test_bundled_segment_is_never_merged_into_silently(checkpoints, tmp_path, ca
     assert export(tmp_path / "fold.pt", repo, "student") == 2
     assert "'segment' already exists (members unet)" in one_line_error(capsys)
     assert files_under(repo) == before
+    assert export(tmp_path / "fold.pt", repo, "student", "--member", "segment", "--test-spacings", "1.6") == 2
+    assert "disagree on test_spacings_mm" in one_line_error(capsys)
+    assert files_under(repo) == before
     assert export(tmp_path / "fold.pt", repo, "student", "--member", "segment", "--weight", "0.5") == 0
     assert served_members(repo) == [("unet", 1.0), ("student", 0.5)]
+    # It joins at the bundled model's test spacings: the client runs the whole ensemble at each.
+    assert ModelContract.load(repo / "student" / "1").test_spacings_mm == bundled_contract.test_spacings_mm != ()
