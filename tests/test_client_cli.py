@@ -203,23 +203,11 @@ def real_triton(tmp_path_factory):
     16x16 tiles) and the ``segment`` ensemble over it. Stopped by PID after the module's last test."""
     import triton_utils
 
-    from mixsup.repository import write_ensemble, write_network
-    from mixsup.serving.launcher import find_tritonserver
-
-    try:
-        find_tritonserver()
-    except ServerUnavailable as exc:
-        pytest.skip(str(exc))
     root = tmp_path_factory.mktemp("triton")
     onnx_path = triton_utils.write_pixel_network(root / "pixel.onnx", PIXEL_WEIGHT, PIXEL_BIAS)
-    repository = root / "repository"
-    write_network(repository, NETWORK, onnx_path, ModelContract(spacing_mm=SPACING, patch_size=(16, 16)))
-    write_ensemble(repository)
-    proc, grpc_url, _ = triton_utils.start_serve(repository, log_dir=root / "logs")
-    try:
+    contract = ModelContract(spacing_mm=SPACING, patch_size=(16, 16))
+    with triton_utils.serving_one_network(root, NETWORK, onnx_path, contract) as grpc_url:
         yield grpc_url
-    finally:
-        triton_utils.stop_serve(proc)
 
 
 @pytest.mark.triton

@@ -29,7 +29,6 @@ import pytest
 import mixsup.clients.pipeline as pipeline
 from mixsup.clients.client import SegmentationClient
 from mixsup.contract import ModelContract
-from mixsup.errors import ServerUnavailable
 from mixsup.scan import Scan
 
 MODEL_SPACING = 1.6
@@ -308,22 +307,11 @@ def shift_triton(tmp_path_factory):
     """gRPC ``HOST:PORT`` of ``mixsup-serve`` over the shift network (1.6 mm, whole slices in one tile)."""
     import triton_utils
 
-    from mixsup.repository import write_ensemble, write_network
-    from mixsup.serving.launcher import find_tritonserver
-
-    try:
-        find_tritonserver()
-    except ServerUnavailable as exc:
-        pytest.skip(str(exc))
     root = tmp_path_factory.mktemp("shift")
     contract = ModelContract(spacing_mm=(MODEL_SPACING, MODEL_SPACING), patch_size=(64, 64))
-    write_network(root / "repository", NETWORK, write_shift_network(root / "shift.onnx"), contract)
-    write_ensemble(root / "repository")
-    proc, grpc_url, _ = triton_utils.start_serve(root / "repository", log_dir=root / "logs")
-    try:
+    with triton_utils.serving_one_network(root, NETWORK, write_shift_network(root / "shift.onnx"),
+                                          contract) as grpc_url:
         yield grpc_url
-    finally:
-        triton_utils.stop_serve(proc)
 
 
 @pytest.mark.triton

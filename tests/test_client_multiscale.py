@@ -12,13 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from cli_utils import run_cli
-from test_client_cli import PIXEL_BIAS, PIXEL_WEIGHT, pixel_labels, write_scan
+from test_client_cli import PIXEL_BIAS, PIXEL_WEIGHT, pixel_labels, segment_requests, write_scan
 
 from mixsup.clients.aio import AsyncSegmentationClient
 from mixsup.clients.client import SegmentationClient
 from mixsup.clients.pipeline import answer_on_scan_grid, mean_answer_on_scan_grid, prepare_volume
 from mixsup.contract import ModelContract
-from mixsup.errors import ServerUnavailable
 from mixsup.readers import read_scan
 
 pytestmark = pytest.mark.triton
@@ -32,35 +31,11 @@ def multiscale_triton(tmp_path_factory):
     :data:`TEST_SPACINGS`, and the ``segment`` ensemble over it."""
     import triton_utils
 
-    from mixsup.repository import write_ensemble, write_network
-    from mixsup.serving.launcher import find_tritonserver
-
-    try:
-        find_tritonserver()
-    except ServerUnavailable as exc:
-        pytest.skip(str(exc))
     root = tmp_path_factory.mktemp("triton_multiscale")
     onnx_path = triton_utils.write_pixel_network(root / "pixel.onnx", PIXEL_WEIGHT, PIXEL_BIAS)
-    repository = root / "repository"
     contract = ModelContract(spacing_mm=(1.0, 1.0), patch_size=(16, 16), test_spacings_mm=TEST_SPACINGS)
-    write_network(repository, "pixel", onnx_path, contract)
-    write_ensemble(repository)
-    proc, grpc_url, _ = triton_utils.start_serve(repository, log_dir=root / "logs")
-    try:
+    with triton_utils.serving_one_network(root, "pixel", onnx_path, contract) as grpc_url:
         yield grpc_url
-    finally:
-        triton_utils.stop_serve(proc)
-
-
-def requests_served(url: str) -> int:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url=url)
-    try:
-        stats = client.get_inference_statistics("segment", as_json=True)
-    finally:
-        client.close()
-    return sum(int(model["inference_stats"]["success"].get("count", 0)) for model in stats["model_stats"])
 
 
 def expected_answer(client: SegmentationClient, path, postprocess: bool):
@@ -77,12 +52,12 @@ def expected_answer(client: SegmentationClient, path, postprocess: bool):
 def test_the_clients_average_the_test_spacings_on_the_scan_grid(tmp_path, multiscale_triton):
     # 0.7 mm in-plane: every test spacing is a different grid, none the scan's own.
     voxels, _ = write_scan(tmp_path / "scan.nii.gz", shape=(40, 36, 3), affine=np.diag([-0.7, -0.7, 2.5, 1.0]))
-    before = requests_served(multiscale_triton)
+    before = segment_requests(multiscale_triton)
     with SegmentationClient(multiscale_triton) as client:
         assert client.contract().test_spacings_mm == TEST_SPACINGS
         raw = client.segment(tmp_path / "scan.nii.gz", postprocess=False, probabilities=True)
         final = client.segment(tmp_path / "scan.nii.gz")
-        assert requests_served(multiscale_triton) == before + 2 * len(TEST_SPACINGS)
+        assert segment_requests(multiscale_triton) == before + 2 * len(TEST_SPACINGS)
         labels, probabilities = expected_answer(client, tmp_path / "scan.nii.gz", postprocess=False)
         final_expected = expected_answer(client, tmp_path / "scan.nii.gz", postprocess=True)[0]
     assert raw.labels.shape == voxels.shape and raw.probabilities.shape == (3, *voxels.shape)
@@ -103,7 +78,7 @@ def test_the_clients_average_the_test_spacings_on_the_scan_grid(tmp_path, multis
 def test_single_scale_asks_once_at_the_training_spacing(tmp_path, capsys, multiscale_triton):
     voxels, _ = write_scan(tmp_path / "scan.nii.gz", shape=(40, 36, 3), affine=np.diag([-0.7, -0.7, 2.5, 1.0]))
     scan = read_scan(tmp_path / "scan.nii.gz")
-    before = requests_served(multiscale_triton)
+    before = segment_requests(multiscale_triton)
     with SegmentationClient(multiscale_triton, single_scale=True) as client:
         single = client.segment(scan)
         volume, restore = prepare_volume(scan, client.contract())
@@ -113,9 +88,9 @@ def test_single_scale_asks_once_at_the_training_spacing(tmp_path, capsys, multis
                            "--url", multiscale_triton, "--single-scale")
     assert code == 0, err
     assert np.array_equal(np.asanyarray(nib.load(str(tmp_path / "cli.nii.gz")).dataobj), single.labels)
-    assert requests_served(multiscale_triton) == before + 3  # segment, segment_volume, the CLI: once each
+    assert segment_requests(multiscale_triton) == before + 3  # segment, segment_volume, the CLI: once each
     code, _, err = run_cli(capsys, "segment", tmp_path / "scan.nii.gz", "-o", tmp_path / "multi.nii.gz",
                            "--url", multiscale_triton)
     assert code == 0, err
-    assert requests_served(multiscale_triton) == before + 3 + len(TEST_SPACINGS)
+    assert segment_requests(multiscale_triton) == before + 3 + len(TEST_SPACINGS)
     assert not np.array_equal(np.asanyarray(nib.load(str(tmp_path / "multi.nii.gz")).dataobj), single.labels)

@@ -7,6 +7,7 @@ builds tiny per-pixel ONNX networks with ``onnx.helper`` (no torch) and their nu
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -205,3 +206,28 @@ def pixel_network_reference(stacks: np.ndarray, weight: np.ndarray, bias: np.nda
     logits -= logits.max(axis=1, keepdims=True)
     exp = np.exp(logits)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+@contextlib.contextmanager
+def serving_one_network(root: Path, name: str, onnx_path: Path, contract) -> Iterator[str]:
+    """``mixsup-serve`` on a repository under ``root`` holding network ``name`` (``onnx_path``, ``contract``) and the
+    ``segment`` ensemble over it; yields its gRPC ``HOST:PORT`` and stops it by PID after. Skips the calling test
+    (or fixture) where no tritonserver is installed."""
+    import pytest
+
+    from mixsup.errors import ServerUnavailable
+    from mixsup.repository import write_ensemble, write_network
+    from mixsup.serving.launcher import find_tritonserver
+
+    try:
+        find_tritonserver()
+    except ServerUnavailable as exc:
+        pytest.skip(str(exc))
+    repository = root / "repository"
+    write_network(repository, name, onnx_path, contract)
+    write_ensemble(repository)
+    proc, grpc_url, _ = start_serve(repository, log_dir=root / "logs")
+    try:
+        yield grpc_url
+    finally:
+        stop_serve(proc)
