@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mixsup.training.data.dataset import Augmentation, SliceSampler, Volume
+from mixsup.training.data.dataset import Augmentation, SliceSampler, Volume, produced_ahead
 from mixsup.training.recipes.base import LESION_BOX, ORGAN_BOX, STRONG, WEAK
 from mixsup.training.trainer import TrainConfig, smoothed_scores, stage_best_score, validation_score
 
@@ -137,3 +137,26 @@ def test_a_lucky_epoch_does_not_outrank_steady_gains():
     assert smoothed[1] == pytest.approx(0.9 * 0.30 + 0.1 * 0.60)
     assert int(np.argmax(smoothed)) == len(scores) - 1
     assert stage_best_score(history, "train") == pytest.approx(smoothed[-1])
+
+
+def test_batches_produced_ahead_are_the_plain_loops_and_no_more():
+    """The worker thread draws from the shared generator in the loop's order, one call at a time, and stops at
+    ``count``: the same batches and, after the epoch, the same generator state as without it."""
+    def draws(rng, calls):
+        def produce():
+            calls.append(1)
+            return rng.integers(0, 1000, 4)
+        return produce
+
+    plain_rng, ahead_rng, calls = np.random.default_rng(3), np.random.default_rng(3), []
+    plain = [draws(plain_rng, [])() for _ in range(5)]
+    ahead = list(produced_ahead(draws(ahead_rng, calls), 5))
+    assert all(np.array_equal(a, b) for a, b in zip(plain, ahead)) and len(ahead) == 5
+    assert len(calls) == 5 and plain_rng.integers(1 << 30) == ahead_rng.integers(1 << 30)
+    assert list(produced_ahead(draws(ahead_rng, calls), 0)) == [] and len(calls) == 5
+
+    def failing():
+        raise ValueError("a bad crop")
+
+    with pytest.raises(ValueError, match="a bad crop"):
+        list(produced_ahead(failing, 3))

@@ -7,8 +7,9 @@ body sizes, orientations).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from mixsup.training.data.lesion_synthesis import LesionSynthesis, Stack, paste_
 from mixsup.training.data.manifest import Case, case_boxes, read_case
 from mixsup.training.data.phantoms import LESION, LIVER
 from mixsup.training.recipes.base import LESION_BOX, STRONG, UNLABELED, Batch
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -269,3 +272,22 @@ class SliceSampler:
         return Batch(kind=self.volumes[0].kind, images=stacked["images"], boxes=stacked["boxes"],
                      labels=None if labels is None else labels.long(), soft_labels=stacked.get("soft_labels"),
                      instances=None if instances is None else instances.long())
+
+
+def produced_ahead(produce: Callable[[], T], count: int) -> Iterator[T]:
+    """``produce()`` ``count`` times, in order, each call made in one worker thread while the caller still works on
+    the previous result: the next batch is cropped and warped while the network trains on this one.
+
+    The calls run one at a time and in the same order as a plain loop, so a generator they share draws the same
+    numbers; and no call is made beyond ``count``, so at the end its state is the plain loop's (a checkpoint saved
+    after an epoch resumes the same run).
+    """
+    if count <= 0:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") as worker:
+        pending = worker.submit(produce)
+        for index in range(count):
+            result = pending.result()
+            if index + 1 < count:
+                pending = worker.submit(produce)
+            yield result
