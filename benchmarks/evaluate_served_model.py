@@ -103,24 +103,21 @@ def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MA
     each of the contract's test spacings, if it has several), whole slices up to ``max_slice`` (0: tiles, 25%
     overlap, Gaussian) of the window around the body (every pixel with ``body_window`` false), the network on
     ``device``, labels restored (from the mean of the spacings' probabilities), post-processed."""
-    from mixsup.clients.pipeline import answer_on_scan_grid, mean_answer_on_scan_grid, prepare_volume
+    from mixsup.clients.pipeline import answer_at_spacings, prepare_volume, run_spacings
     from mixsup.serving.fuse import fuse_probabilities
     from mixsup.serving.tiling import BODY_MARGIN, predict_volume_probabilities
 
     contract, session = network_session(network_dir, device)
     answers = []
-    for spacing in contract.run_spacings_mm:
+    for spacing in run_spacings(contract):
         volume, restore = prepare_volume(scan, contract, spacing)
         probabilities = predict_volume_probabilities(
             volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], contract.patch_size,
             overlap=0.25, batch_size=8, num_classes=contract.num_classes, context_slices=contract.context_slices,
             max_slice=max_slice, size_divisor=contract.size_divisor,
             body_margin=BODY_MARGIN if body_window else None)
-        answers.append((probabilities, restore))
-    if len(answers) > 1:
-        return mean_answer_on_scan_grid(answers, False, postprocess)[0]
-    labels, _ = fuse_probabilities([probabilities], [1.0])
-    return answer_on_scan_grid(labels, None, restore, contract.num_classes, postprocess)[0]
+        answers.append((*fuse_probabilities([probabilities], [1.0]), restore))
+    return answer_at_spacings(answers, contract.num_classes, False, postprocess)[0]
 
 
 def own_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int, int],

@@ -21,7 +21,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from mixsup.clients.pipeline import answer_on_scan_grid, mean_answer_on_scan_grid, prepare_volume
+from mixsup.clients.pipeline import answer_at_spacings, prepare_volume, run_spacings
 from mixsup.clients.protocol import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_MODEL,
@@ -144,19 +144,15 @@ class AsyncSegmentationClient:
         if not isinstance(scan, Scan):
             scan = await asyncio.to_thread(as_scan, scan)
         contract = await self.contract()
-        spacings = (contract.spacing_mm,) if self.single_scale else contract.run_spacings_mm
+        spacings = run_spacings(contract, self.single_scale)
         answers = []
-        for spacing in spacings:  # several: multi-scale, as in SegmentationClient._segment_scan
+        for spacing in spacings:  # as in SegmentationClient._segment_scan
             volume, restore = await asyncio.to_thread(prepare_volume, scan, contract, spacing)
-            labels, probability_map = await self._infer(volume, probabilities or len(spacings) > 1)
-            answers.append((probability_map, restore))
+            answers.append((*await self._infer(volume, probabilities or len(spacings) > 1), restore))
 
         def finish() -> Result:
-            if len(answers) > 1:
-                on_grid = mean_answer_on_scan_grid(answers, probabilities, postprocess, ORGAN_LABEL, LESION_LABEL)
-            else:
-                on_grid = answer_on_scan_grid(labels, probability_map, restore, contract.num_classes, postprocess,
-                                              ORGAN_LABEL, LESION_LABEL)
+            on_grid = answer_at_spacings(answers, contract.num_classes, probabilities, postprocess, ORGAN_LABEL,
+                                         LESION_LABEL)
             return Result.build(scan, *on_grid, model=self.model, postprocessed=postprocess, started=started)
 
         return await asyncio.to_thread(finish)

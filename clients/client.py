@@ -19,7 +19,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from mixsup.clients.pipeline import answer_on_scan_grid, mean_answer_on_scan_grid, prepare_volume
+from mixsup.clients.pipeline import answer_at_spacings, prepare_volume, run_spacings
 from mixsup.clients.protocol import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_MODEL,
@@ -268,16 +268,12 @@ class SegmentationClient:
         self, scan: Scan, postprocess: bool, want_probabilities: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
         contract = self.contract()
-        spacings = (contract.spacing_mm,) if self.single_scale else contract.run_spacings_mm
-        if len(spacings) > 1:  # multi-scale: the server's probabilities at each spacing, averaged on the scan's grid
-            answers = []
-            for spacing in spacings:
-                volume, restore = prepare_volume(scan, contract, spacing)
-                answers.append((self.segment_volume(volume, want_probabilities=True)[1], restore))
-            return mean_answer_on_scan_grid(answers, want_probabilities, postprocess, ORGAN_LABEL, LESION_LABEL)
-        volume, restore = prepare_volume(scan, contract)
-        answer = self.segment_volume(volume, want_probabilities=want_probabilities)
-        labels, probabilities = answer if want_probabilities else (answer, None)
-        return answer_on_scan_grid(
-            labels, probabilities, restore, contract.num_classes, postprocess, ORGAN_LABEL, LESION_LABEL
-        )
+        spacings = run_spacings(contract, self.single_scale)
+        asks = want_probabilities or len(spacings) > 1  # several spacings are averaged from their probabilities
+        answers = []
+        for spacing in spacings:
+            volume, restore = prepare_volume(scan, contract, spacing)
+            answer = self.segment_volume(volume, want_probabilities=asks)
+            answers.append((*(answer if asks else (answer, None)), restore))
+        return answer_at_spacings(answers, contract.num_classes, want_probabilities, postprocess, ORGAN_LABEL,
+                                  LESION_LABEL)

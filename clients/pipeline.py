@@ -207,6 +207,31 @@ def mean_answer_on_scan_grid(
     return _finished_labels(labels, answers[0][1], postprocess, organ_label, lesion_label), probabilities
 
 
+def run_spacings(contract: ModelContract, single_scale: bool = False) -> tuple[tuple[float, float], ...]:
+    """The in-plane spacings a client sends a scan at: the contract's test spacings, or with ``single_scale`` (or
+    none named) its training spacing alone. With several, each answer must carry its probabilities."""
+    return (tuple(contract.spacing_mm),) if single_scale else contract.run_spacings_mm
+
+
+def answer_at_spacings(
+    answers: Sequence[tuple[np.ndarray | None, np.ndarray | None, Restore]],
+    num_classes: int,
+    want_probabilities: bool,
+    postprocess: bool = True,
+    organ_label: int = 1,
+    lesion_label: int = 2,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The server's answers for one scan, a ``(labels, probabilities, restore)`` per spacing of
+    :func:`run_spacings`, on the scan's grid: one spacing's labels restored (:func:`answer_on_scan_grid`), several
+    spacings' labels from the mean of their probabilities (:func:`mean_answer_on_scan_grid`)."""
+    if len(answers) == 1:
+        labels, probabilities, restore = answers[0]
+        return answer_on_scan_grid(labels, probabilities, restore, num_classes, postprocess, organ_label,
+                                   lesion_label)
+    return mean_answer_on_scan_grid([(probabilities, restore) for _, probabilities, restore in answers],
+                                    want_probabilities, postprocess, organ_label, lesion_label)
+
+
 def _finished_labels(canonical: np.ndarray, restore: Restore, postprocess: bool, organ_label: int,
                      lesion_label: int) -> np.ndarray:
     """Canonical labels post-processed (unless not ``postprocess``) and put in the scan's stored voxel order."""

@@ -106,7 +106,7 @@ def joined_test_spacings(repository: Path, network: str, member: str | None) -> 
     or one whose only member is ``network`` itself)."""
     if member is None:
         return ()
-    existing = list_ensembles(repository).get(member) or read_ensemble(repository, member) or ()
+    existing = read_ensemble(repository, member) or ()
     others = [name for name, _ in existing if name != network]
     if not others:
         return ()
