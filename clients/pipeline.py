@@ -52,15 +52,17 @@ def needs_resampling(spacing_hw: tuple[float, float], target_spacing_hw: tuple[f
 def prepare_volume(scan: Scan, contract: ModelContract,
                    spacing_mm: tuple[float, float] | None = None) -> tuple[np.ndarray, Restore]:
     """The ``segment`` model's input for ``scan``: canonical ``[D, H, W]`` int16 HU at in-plane ``spacing_mm``
-    (default the contract's)."""
+    (default the contract's), anti-aliased on the way down where the contract says so."""
     target = tuple(contract.spacing_mm if spacing_mm is None else spacing_mm)
     canonical, spacing = scan.canonical()
     canonical_shape = tuple(int(n) for n in canonical.shape)
     model_hw = canonical_shape[1:]
     if needs_resampling(spacing[1:], target):
         model_hw = inplane_shape(canonical_shape[1:], spacing[1:], target)
-        # Linear interpolation of HU into float32: the int16 rounding happens once, after resampling.
-        canonical = resample_inplane(canonical, model_hw, order=1, dtype=np.float32)
+        # Linear interpolation of HU into float32: the int16 rounding happens once, after resampling. Smoothed
+        # first if the network trained so: it has to see the scans as it learned them.
+        canonical = resample_inplane(canonical, model_hw, order=1, dtype=np.float32,
+                                     anti_aliasing=contract.anti_aliasing)
     restore = Restore(
         affine=np.array(scan.affine, dtype=np.float64),
         stored_shape=tuple(int(n) for n in scan.voxels.shape[:3]),

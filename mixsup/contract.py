@@ -36,7 +36,7 @@ SEGMENTATION, DETECTION, CONFIDENCE, ANNOTATOR = "segmentation", "detection", "c
 KINDS = (SEGMENTATION, DETECTION, CONFIDENCE, ANNOTATOR)
 #: Fields added after format 1 was in use. They are written only when they differ from their defaults, so the
 #: contract of a plain segmentation network stays what every reader of format 1 (an older client) accepts.
-LATER_FIELDS = ("kind", "extra_inputs", "extra_outputs", "size_divisor", "test_spacings_mm")
+LATER_FIELDS = ("kind", "extra_inputs", "extra_outputs", "size_divisor", "test_spacings_mm", "anti_aliasing")
 #: numpy dtype names a tensor of the contract may have.
 TENSOR_DTYPES = ("float32", "float16", "int64", "int32", "int16", "uint8")
 
@@ -105,6 +105,10 @@ class ModelContract:
     #: In-plane spacings (mm, square pixels) a client runs the model at, averaging the probabilities on the scan's
     #: grid (multi-scale test-time augmentation, :mod:`mixsup.clients.pipeline`); empty: ``spacing_mm`` alone.
     test_spacings_mm: tuple[float, ...] = ()
+    #: Whether the network trained on scans smoothed before in-plane downsampling to its grid
+    #: (:func:`mixsup.resample.resample_inplane`'s ``anti_aliasing``), so its consumers must prepare them so too.
+    #: False for contracts from before the field (they trained on plain linear resampling).
+    anti_aliasing: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -173,6 +177,8 @@ class ModelContract:
             raise InputError(f"model contract: tensor names repeat: {list(contract.tensor_names)}")
         if contract.size_divisor < 1:
             raise InputError(f"model contract: size_divisor must be at least 1, got {contract.size_divisor}")
+        if not isinstance(contract.anti_aliasing, bool):
+            raise InputError(f"model contract: anti_aliasing must be true or false, got {contract.anti_aliasing!r}")
         if not all(isinstance(s, (int, float)) and 0 < s < float("inf") for s in contract.test_spacings_mm):
             raise InputError(f"model contract: test_spacings_mm must be positive numbers, got "
                              f"{list(contract.test_spacings_mm)}")

@@ -77,7 +77,7 @@ RESERVED_SUFFIXES = (WINDOW_SUFFIX, "_fuse", *(f"_{kind}" for kind in NETWORK_EX
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                 "int16": "TYPE_INT16", "uint8": "TYPE_UINT8"}
 #: Contract fields every member of one ensemble must share, or their probabilities cannot be averaged.
-SHARED_CONTRACT_FIELDS = ("class_names", "spacing_mm", "context_slices", "test_spacings_mm")
+SHARED_CONTRACT_FIELDS = ("class_names", "spacing_mm", "context_slices", "test_spacings_mm", "anti_aliasing")
 
 #: Network runtimes: ONNX Runtime in the python backend, and Triton's native platforms.
 PYTHON, ONNXRUNTIME, TENSORRT_PLAN, LIBTORCH = "python", "onnxruntime", "tensorrt_plan", "pytorch_libtorch"

@@ -17,17 +17,28 @@ def inplane_shape(shape_hw: Sequence[int], spacing_hw: Sequence[float],
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape_hw, spacing_hw, target_spacing_hw))
 
 
-def resample_inplane(volume: np.ndarray, out_hw: Sequence[int], order: int = 1, dtype=None) -> np.ndarray:
+def resample_inplane(volume: np.ndarray, out_hw: Sequence[int], order: int = 1, dtype=None,
+                     anti_aliasing: bool = False) -> np.ndarray:
     """Resample the last two axes of ``volume`` (``[..., H, W]``) to ``out_hw``; leading axes are untouched.
 
     ``order`` is the spline order: 1 (linear) for intensities and probabilities, 0 for labels. ``dtype``: of
     the result (default the volume's); an int16 scan resampled to float32 is never converted whole first.
+    ``anti_aliasing``: smooth each slice along an axis that shrinks before sampling it (:func:`anti_aliasing_sigma`),
+    for intensities: a linear sample reads 4 input pixels, so without it a 0.7 mm scan brought to 1.6 mm keeps
+    its full pixel noise and ignores 4 of every 5 pixels, where their mean is what the coarser grid should hold.
     """
     out_hw = tuple(int(n) for n in out_hw)
     if tuple(volume.shape[-2:]) == out_hw:
         return volume if dtype is None else volume.astype(dtype, copy=False)
     scale = np.array([volume.shape[-2] / out_hw[0], volume.shape[-1] / out_hw[1]])
-    return _scale_slices(volume, scale, 0.5 * scale - 0.5, out_hw, order, dtype)
+    sigma = anti_aliasing_sigma(scale) if anti_aliasing else (0.0, 0.0)
+    return _scale_slices(volume, scale, 0.5 * scale - 0.5, out_hw, order, dtype, sigma)
+
+
+def anti_aliasing_sigma(scale: Sequence[float]) -> tuple[float, float]:
+    """Gaussian sigma (input pixels) per axis before resampling by ``scale`` (input pixels per output pixel):
+    ``(scale - 1) / 2`` where the axis shrinks, none where it grows (scikit-image's ``resize`` default)."""
+    return tuple(max(0.0, (float(s) - 1.0) / 2.0) for s in scale)
 
 
 def output_window(size_in: int, size_out: int, source: slice) -> slice:
@@ -104,12 +115,16 @@ def _linear_slices(volume: np.ndarray, row_taps: tuple, column_taps: tuple, chun
 
 
 def _scale_slices(volume: np.ndarray, scale: np.ndarray, offset: np.ndarray, out_hw: tuple[int, int],
-                  order: int, dtype=None) -> np.ndarray:
-    """Every ``[H, W]`` slice of ``volume`` sampled at ``out * scale + offset`` (spline ``order``, no prefilter,
-    edges clamped), into ``[..., *out_hw]`` of ``dtype`` (default the volume's)."""
+                  order: int, dtype=None, sigma: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Every ``[H, W]`` slice of ``volume`` sampled at ``out * scale + offset`` (spline ``order``, no spline
+    prefilter, edges clamped), into ``[..., *out_hw]`` of ``dtype`` (default the volume's), each slice first
+    smoothed with a Gaussian of ``sigma`` pixels per axis (in float32) where that is non-zero."""
     flat = volume.reshape((-1,) + volume.shape[-2:])
     out = np.empty((flat.shape[0],) + tuple(out_hw), dtype=volume.dtype if dtype is None else dtype)
     for index in range(flat.shape[0]):
-        ndimage.affine_transform(flat[index], matrix=scale, offset=offset, output_shape=out_hw,
+        source = flat[index]
+        if any(sigma):
+            source = ndimage.gaussian_filter(source, sigma, output=np.float32, mode="nearest")
+        ndimage.affine_transform(source, matrix=scale, offset=offset, output_shape=out_hw,
                                  output=out[index], order=order, mode="nearest", prefilter=False)
     return out.reshape(volume.shape[:-2] + tuple(out_hw))

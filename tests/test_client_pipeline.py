@@ -16,7 +16,8 @@ from mixsup.clients.pipeline import (
 from mixsup.contract import ModelContract
 from mixsup.errors import InputError, MixsupError
 from mixsup.metrics import dice
-from mixsup.scan import Scan
+from mixsup.resample import resample_inplane
+from mixsup.scan import Scan, to_int16_hu
 
 
 def lps_affine(spacing):
@@ -187,6 +188,25 @@ def test_contract_test_spacings_round_trip_and_name_the_spacings_a_client_runs()
     for bad in ([0.0], [-1.0], ["1.3"], [float("inf")]):
         with pytest.raises(InputError, match="test_spacings_mm"):
             ModelContract.from_dict({**ModelContract().to_dict(), "test_spacings_mm": bad})
+
+
+def test_contract_anti_aliasing_round_trips_and_older_contracts_lack_it():
+    contract = ModelContract(anti_aliasing=True)
+    assert ModelContract.from_json(contract.to_json()) == contract and contract.to_dict()["anti_aliasing"] is True
+    assert "anti_aliasing" not in ModelContract().to_dict()
+    assert ModelContract.from_dict({**ModelContract().to_dict()}).anti_aliasing is False
+    with pytest.raises(InputError, match="anti_aliasing"):
+        ModelContract.from_dict({**ModelContract().to_dict(), "anti_aliasing": "yes"})
+
+
+def test_prepare_volume_smooths_before_downsampling_where_the_contract_says_so():
+    scan = blob_scan(psr_affine((0.7, 2.0, 0.7)), (96, 4, 96), inplane_axes=(0, 2))
+    canonical, _ = scan.canonical()
+    plain, _ = prepare_volume(scan, ModelContract(spacing_mm=(1.6, 1.6)))
+    smoothed, restore = prepare_volume(scan, ModelContract(spacing_mm=(1.6, 1.6), anti_aliasing=True))
+    expected = resample_inplane(canonical, restore.model_shape[1:], dtype=np.float32, anti_aliasing=True)
+    np.testing.assert_array_equal(smoothed, to_int16_hu(expected))
+    assert smoothed.shape == plain.shape and np.abs(smoothed.astype(int) - plain).max() > 5
 
 
 def test_prepare_volume_at_another_spacing():

@@ -156,6 +156,14 @@ def test_bundled_segment_is_never_merged_into_silently(checkpoints, tmp_path, ca
     assert export(tmp_path / "fold.pt", repo, "student", "--member", "segment", "--test-spacings", "1.6") == 2
     assert "disagree on test_spacings_mm" in one_line_error(capsys)
     assert files_under(repo) == before
+    # A network that saw its scans prepared otherwise cannot share the one volume the client sends the ensemble.
+    payload["contract"]["anti_aliasing"] = not bundled_contract.anti_aliasing
+    torch.save(payload, tmp_path / "other.pt")
+    assert export(tmp_path / "other.pt", repo, "student", "--member", "segment") == 2
+    assert "disagree on anti_aliasing" in one_line_error(capsys)
+    assert files_under(repo) == before
+    payload["contract"]["anti_aliasing"] = bundled_contract.anti_aliasing
+    torch.save(payload, tmp_path / "fold.pt")
     assert export(tmp_path / "fold.pt", repo, "student", "--member", "segment", "--weight", "0.5") == 0
     assert served_members(repo) == [("unet", 1.0), ("student", 0.5)]
     # It joins at the bundled model's test spacings: the client runs the whole ensemble at each.

@@ -3,6 +3,7 @@ repeatability, and that a run learns at all."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -32,6 +33,7 @@ def test_tiny_run_writes_checkpoint_with_contract(phantoms, tmp_path):
     contract = ModelContract.from_dict(payload["contract"])
     assert contract.recipe == "unet" and contract.class_names == ("background", "liver", "lesion")
     assert contract.spacing_mm == (3.2, 3.2) and contract.patch_size == (48, 48)
+    assert contract.anti_aliasing is True and payload["config"]["anti_aliasing"] is True
     assert payload["config"]["base_channels"] == 4 and len(payload["manifest_sha256"]) == 64
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
@@ -185,6 +187,13 @@ def test_overrides_are_typed():
         TrainConfig().override(["epochs=many"])
     with pytest.raises(InputError):
         TrainConfig().override(["no_such_key=1"])
+
+
+def test_a_checkpoint_from_before_anti_aliasing_trained_without_it():
+    older = {key: value for key, value in dataclasses.asdict(TrainConfig()).items() if key != "anti_aliasing"}
+    assert TrainConfig.from_dict(older).anti_aliasing is False
+    assert TrainConfig().anti_aliasing is True
+    assert TrainConfig.from_dict(dataclasses.asdict(TrainConfig())).anti_aliasing is True
 
 
 def test_bad_data_folder_exits_2(tmp_path, capsys):

@@ -60,6 +60,10 @@ class TrainConfig:
     #: model contract so that serving feeds the same stacks. 5 was measured and not kept: the false liver on
     #: liver-free slices did not fall and lesions did (benchmarks/results/context_5).
     context_slices: int = 3
+    #: Smooth each scan before downsampling it in-plane to ``spacing_mm`` (written into the model contract, so the
+    #: client prepares scans the same way): a 0.7 mm scan's pixel noise then averages out on the 1.6 mm grid
+    #: instead of being sampled. Checkpoints from before the field trained without it (:meth:`from_dict`).
+    anti_aliasing: bool = True
     batch_size: int = 16
     #: Of the crops not centred on a lesion, the share centred on the organ (the rest lie anywhere). 0.5 (more
     #: crops of liver-free slices) was measured and not kept: lesions fell in the recipes benchmark and the
@@ -98,7 +102,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        return cls().updated(values)
+        """The config stored in a checkpoint; one from before ``anti_aliasing`` existed trained without it."""
+        return cls().updated({"anti_aliasing": False, **values})
 
     def updated(self, values: dict[str, Any], option_names: Sequence[str] = ()) -> "TrainConfig":
         """Apply ``values`` with type checks; keys in ``option_names`` (or under ``options``) go to options."""
@@ -440,7 +445,7 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
 
     # Data: every supervision kind the manifest has, in memory at the model's spacing.
     train_cases, validation_cases = split_validation(manifest, config.validation_cases)
-    to_volume = lambda case: load_volume(case, config.spacing_mm)  # noqa: E731
+    to_volume = lambda case: load_volume(case, config.spacing_mm, config.anti_aliasing)  # noqa: E731
     volumes_by_kind = {STRONG: [to_volume(c) for c in train_cases]}
     for kind, cases in (("weak", manifest.weak()), ("unlabeled", manifest.unlabeled())):
         if cases:
@@ -454,7 +459,8 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
     wrapped = distribute(modules, parallel)
     segmentation = recipe.segmentation_network(modules)
     contract = ModelContract(patch_size=(config.patch_size, config.patch_size), spacing_mm=config.spacing_mm,
-                             context_slices=config.context_slices, recipe=recipe.NAME)
+                             context_slices=config.context_slices, anti_aliasing=config.anti_aliasing,
+                             recipe=recipe.NAME)
     state = {"stage": 0, "epoch": 0, "best_score": -float("inf"), "history": []}
     if init_from is not None:
         load_initial_weights(modules, init_from, recipe.NAME)

@@ -83,8 +83,9 @@ def box_masks(boxes: Sequence[Box] | None, shape: Sequence[int]) -> np.ndarray:
     return np.stack([boxes_to_mask(boxes, shape, LIVER), boxes_to_mask(boxes, shape, LESION)]).astype(np.uint8)
 
 
-def load_volume(case: Case, spacing_mm: Sequence[float]) -> Volume:
-    """Read a case of any supervision kind and bring it in-plane to ``spacing_mm``.
+def load_volume(case: Case, spacing_mm: Sequence[float], anti_aliasing: bool = True) -> Volume:
+    """Read a case of any supervision kind and bring it in-plane to ``spacing_mm`` (the image smoothed before
+    downsampling if ``anti_aliasing``: :func:`mixsup.resample.resample_inplane`).
 
     Strong cases keep their mask, weak cases their boxes, unlabeled cases only the image. Boxes are rasterised
     on the scan's grid and resampled with the image, so they stay aligned at any spacing. Lesion instances go with
@@ -98,7 +99,7 @@ def load_volume(case: Case, spacing_mm: Sequence[float]) -> Volume:
     boxes = case_boxes(case, labels, hu.shape) if kind != UNLABELED else None
     masks = box_masks(boxes, hu.shape)
     out_hw = inplane_shape(hu.shape[1:], spacing[1:], spacing_mm)
-    hu = to_int16_hu(resample_inplane(hu.astype(np.float32), out_hw, order=1))
+    hu = to_int16_hu(resample_inplane(hu.astype(np.float32), out_hw, order=1, anti_aliasing=anti_aliasing))
     labels, instances = (None if a is None else resample_inplane(a, out_hw, order=0) for a in (labels, instances))
     return Volume(hu=hu, labels=labels, boxes=resample_inplane(masks, out_hw, order=0), kind=kind, case=case.case,
                   instances=None if instances is None else compact_ids(instances),
