@@ -2,7 +2,8 @@
 
 ``benchmarks/serving.py`` reports ``client_seconds`` (the CLI end to end minus the served request) as one number;
 this script splits it, on the same 512x512x100 phantom at 0.7 mm and the bundled model: reading the NIfTI,
-pre-processing (canonical order, resampling to the model grid), restoring labels to the scan's grid,
+pre-processing (canonical order, resampling to the model grid; beside it, for a model whose contract smooths
+before downsampling, the same without the smoothing, not counted in the total), restoring labels to the scan's grid,
 post-processing, writing the labels, and what a fresh interpreter spends importing the CLI (paid on every
 ``mixsup-client`` call; ``import_top`` names the heaviest top-level imports). The network runs in process on the
 served engine, untimed: its labels only feed the steps after it. Each step is timed on the second of two passes
@@ -34,20 +35,24 @@ from mixsup.serving.fuse import fuse_probabilities  # noqa: E402
 from mixsup.serving.tiling import predict_volume_probabilities  # noqa: E402
 
 
-def step_seconds(scan_path: Path, network_dir: Path, out: Path) -> dict[str, float]:
-    """Seconds of each client step on ``scan_path`` (second of two passes)."""
+def step_seconds(scan_path: Path, network_dir: Path, out: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds of each client step on ``scan_path`` (second of two passes), and of the peers timed beside them."""
     contract, session = network_session(network_dir, "auto")
     seconds: dict[str, float] = {}
+    peers: dict[str, float] = {}
 
-    def timed(name: str, function):
+    def timed(name: str, function, into: dict[str, float] = seconds):
         started = time.perf_counter()
         value = function()
-        seconds[name] = time.perf_counter() - started
+        into[name] = time.perf_counter() - started
         return value
 
     for _ in range(2):
         scan = timed("read", lambda: read_scan(scan_path))
         volume, restore = timed("pre-process", lambda: prepare_volume(scan, contract))
+        if contract.anti_aliasing:
+            linear = contract.replace(anti_aliasing=False)
+            timed("pre-process without anti-aliasing", lambda: prepare_volume(scan, linear), peers)
         probabilities = predict_volume_probabilities(
             volume, lambda inputs: session.run(None, {contract.input_name: inputs})[0], contract.patch_size,
             num_classes=contract.num_classes, context_slices=contract.context_slices,
@@ -56,7 +61,7 @@ def step_seconds(scan_path: Path, network_dir: Path, out: Path) -> dict[str, flo
         labels = timed("restore labels", lambda: restore_labels(labels, restore, contract.num_classes))
         labels = timed("post-process", lambda: postprocess_labels(labels))
         timed("write", lambda: write_nifti(out, labels, scan.affine))
-    return seconds
+    return seconds, peers
 
 
 def import_profile(module: str = "mixsup.clients.cli", top: int = 6) -> tuple[float, dict[str, float]]:
@@ -88,10 +93,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         scan_path = make_scan(Path(tmp) / "scan", (100, 512, 512), (2.5, 0.7, 0.7))
-        steps = step_seconds(scan_path, args.repository / "unet", Path(tmp) / "labels.nii.gz")
+        steps, peers = step_seconds(scan_path, args.repository / "unet", Path(tmp) / "labels.nii.gz")
     import_seconds, heaviest = import_profile()
     results = {"scan": {"shape_dhw": [100, 512, 512], "spacing_mm": [2.5, 0.7, 0.7]},
                "step_seconds": {name: round(value, 3) for name, value in steps.items()},
+               "peer_seconds": {name: round(value, 3) for name, value in peers.items()},
                "import_cli_seconds": round(import_seconds, 3), "import_top": heaviest,
                "total_seconds": round(sum(steps.values()) + import_seconds, 3),
                "command": "python benchmarks/client_profile.py " + " ".join(sys.argv[1:])}
