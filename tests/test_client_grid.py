@@ -349,7 +349,7 @@ def test_the_committed_model_repository_serves_and_segments(tmp_path, capsys):
     from mixsup.training.data.cli import main as data_main
 
     bundled = ModelContract.load(COMMITTED / "unet" / "1" / "contract.json")
-    # The end-to-end test's phantom (model_repository/MODEL_CARD.md reports liver Dice 0.73 on it with v10).
+    # The end-to-end test's phantom (model_repository/MODEL_CARD.md reports liver Dice 0.74 on it with v11).
     assert data_main(["phantoms", str(tmp_path / "scans"), "--n", "1", "--seed", "424242",
                       "--shape", "40", "256", "256", "-q"]) == 0
     proc, grpc_url, _ = triton_utils.start_serve(COMMITTED, log_dir=tmp_path / "logs")
