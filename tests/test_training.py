@@ -131,6 +131,20 @@ def test_resume_refuses_another_data_manifest(phantoms, tiny_checkpoint, tmp_pat
     assert_refused_in_one_line(argv, capsys, "manifest")
 
 
+def test_resume_refuses_a_checkpoint_whose_scans_were_prepared_otherwise(phantoms, tiny_checkpoint, tmp_path,
+                                                                          capsys):
+    """A run from before anti-aliasing existed (no key in its config) trained on unsmoothed scans: resuming it
+    under today's default would feed the rest of the run smoothed ones."""
+    payload = load_checkpoint(tiny_checkpoint)
+    del payload["config"]["anti_aliasing"]
+    older = tmp_path / "older.pt"
+    torch.save(payload, older)
+    argv = ["unet", "--data", str(phantoms), "--out", str(tmp_path / "run"), "--preset", "tiny", "--no-progress",
+            "--resume", str(older)]
+    assert_refused_in_one_line(argv, capsys, "anti_aliasing=false")
+    assert train_main([*argv, "--set", "anti_aliasing=false"]) == 0
+
+
 def initial_parameters(payload: dict) -> dict[str, torch.Tensor]:
     """The parameters a checkpoint's run started from: its recipe built from its config after the trainer's
     seeding, as ``train`` does before the first step."""

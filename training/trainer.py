@@ -269,15 +269,21 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def check_resumable(payload: dict, path: Path, recipe_name: str, manifest: Manifest) -> None:
-    """Refuse a checkpoint of another recipe (its networks and stages do not fit this run) or of another data
-    manifest (the resumed run would train and validate on a different split than the epochs before it)."""
+def check_resumable(payload: dict, path: Path, recipe_name: str, manifest: Manifest, config: TrainConfig) -> None:
+    """Refuse a checkpoint of another recipe (its networks and stages do not fit this run), of another data
+    manifest (the resumed run would train and validate on a different split than the epochs before it), or whose
+    scans were prepared otherwise (``anti_aliasing``: the rest of the run would see other inputs, and its contract
+    would describe only the last epochs)."""
     if payload.get("recipe") != recipe_name:
         raise InputError(f"{path}: checkpoint of recipe {payload.get('recipe')!r} cannot resume a {recipe_name!r} run")
     if payload.get("manifest_sha256") != manifest.sha256():
         raise InputError(f"{path}: checkpoint was trained on another data manifest than {manifest.root} "
                          f"(sha256 {str(payload.get('manifest_sha256'))[:12]}, now {manifest.sha256()[:12]}); "
                          "resume with the same --data")
+    before = TrainConfig.from_dict(payload.get("config", {})).anti_aliasing
+    if before != config.anti_aliasing:
+        raise InputError(f"{path}: checkpoint was trained with anti_aliasing={str(before).lower()}; resume with "
+                         f"--set anti_aliasing={str(before).lower()}")
 
 
 def load_initial_weights(modules: nn.ModuleDict, path: Path, recipe_name: str) -> None:
@@ -441,7 +447,7 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
     rng = seed_everything(config.seed, parallel.rank)
     resumed = load_checkpoint(resume) if resume is not None else None
     if resumed is not None:  # before the data loads: a wrong checkpoint fails in a second, not after minutes
-        check_resumable(resumed, resume, recipe.NAME, manifest)
+        check_resumable(resumed, resume, recipe.NAME, manifest, config)
 
     # Data: every supervision kind the manifest has, in memory at the model's spacing.
     train_cases, validation_cases = split_validation(manifest, config.validation_cases)
