@@ -395,16 +395,16 @@ def test_tiny_run_trains_both_stages_and_exports(tmp_path, monkeypatch):
     data, run, repository = tmp_path / "data", tmp_path / "run", tmp_path / "repo"
     assert data_main(["phantoms", str(data), "--n", "6", "--seed", "3", "--shape", "16", "96", "96",
                       "--weak-fraction", "0.5", "-q"]) == 0
-    # The teacher's validation peaks in its first epoch (scores replaced): the student must learn from the
-    # pseudo-labels of that teacher, not of its last epoch.
+    # The teacher's validation peaks in its second epoch of three, the first that may compete (scores replaced):
+    # the student must learn from the pseudo-labels of that teacher, not of its last epoch.
     import mixsup.training.trainer as trainer
 
     real_scores, real_save, teacher_states = trainer.dice_scores, trainer.save_checkpoint, {}
 
-    def teacher_peaks_first(pairs):
+    def teacher_peaks_second(pairs):
         scores = real_scores(pairs)
         epoch = len(teacher_states) + 1
-        return {key: (1.0 if epoch == 1 else 0.0) for key in scores} if epoch <= 3 else scores
+        return {key: (1.0 if epoch == 2 else 0.0) for key in scores} if epoch <= 3 else scores
 
     def recording_save(path, payload):
         if payload["stage"] == 0 and path.name == "last.pt":
@@ -412,14 +412,14 @@ def test_tiny_run_trains_both_stages_and_exports(tmp_path, monkeypatch):
                                                 if k.startswith("teacher.")}
         real_save(path, payload)
 
-    monkeypatch.setattr(trainer, "dice_scores", teacher_peaks_first)
+    monkeypatch.setattr(trainer, "dice_scores", teacher_peaks_second)
     monkeypatch.setattr(trainer, "save_checkpoint", recording_save)
     # More teacher epochs than the run's 2: its learning-rate schedule must span its own epochs, or it overruns.
     assert train_main([RECIPE.NAME, "--data", str(data), "--out", str(run), "--preset", "tiny", "--no-progress",
                        "--set", "teacher_epochs=3"]) == 0
     final = load_checkpoint(run / "last.pt")["state_dict"]
     assert sorted(teacher_states) == [1, 2, 3]
-    assert all(torch.equal(final[k], teacher_states[1][k]) for k in teacher_states[1])
+    assert all(torch.equal(final[k], teacher_states[2][k]) for k in teacher_states[2])
     assert any(not torch.equal(final[k], teacher_states[3][k]) for k in teacher_states[3])
     quality = json.loads((run / "pseudo_label_quality.json").read_text())
     assert quality["weak_cases_scored"] == 3 and 0.0 <= quality["dice_liver"] <= 1.0

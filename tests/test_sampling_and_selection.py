@@ -7,7 +7,13 @@ import pytest
 
 from mixsup.training.data.dataset import Augmentation, SliceSampler, Volume, produced_ahead
 from mixsup.training.recipes.base import LESION_BOX, ORGAN_BOX, STRONG, WEAK
-from mixsup.training.trainer import TrainConfig, smoothed_scores, stage_best_score, validation_score
+from mixsup.training.trainer import (
+    TrainConfig,
+    competes_for_best,
+    smoothed_scores,
+    stage_best_score,
+    validation_score,
+)
 
 SHAPE = (12, 96, 96)
 
@@ -120,23 +126,38 @@ def test_checkpoints_are_chosen_on_liver_and_lesion():
     finds_lesions = {"dice_liver": 0.90, "dice_lesion": 0.50}
     forgets_lesions = {"dice_liver": 0.92, "dice_lesion": 0.00}
     assert validation_score(finds_lesions) > validation_score(forgets_lesions)
-    history = [{"stage": "teacher", "train_loss": 1.0, **finds_lesions},
-               {"stage": "teacher", "train_loss": 0.9, **forgets_lesions},
-               {"stage": "student", "train_loss": 0.5, "dice_liver": 1.0, "dice_lesion": 1.0}]
-    assert stage_best_score(history, "teacher") == pytest.approx(0.70)
-    assert stage_best_score(history, "other") == -float("inf")
+    history = [{"stage": "teacher", "epoch": 1, "train_loss": 1.0, **finds_lesions},
+               {"stage": "teacher", "epoch": 2, "train_loss": 0.9, **forgets_lesions},
+               {"stage": "student", "epoch": 1, "train_loss": 0.5, "dice_liver": 1.0, "dice_lesion": 1.0}]
+    assert stage_best_score(history, "teacher", epochs=2) == pytest.approx(0.9 * 0.70 + 0.1 * 0.46)
+    assert stage_best_score(history, "other", epochs=2) == -float("inf")
 
 
 def test_a_lucky_epoch_does_not_outrank_steady_gains():
     """The best epoch is chosen on a moving average of the validation score: one epoch whose few validation cases
     happened to score high (0.60 among 0.30-0.52) is not kept over the steadily better epochs after it."""
     scores = [0.30, 0.60, 0.35, 0.45, 0.50, 0.52, 0.52, 0.52]
-    history = [{"stage": "train", "train_loss": 1.0, "dice_liver": s, "dice_lesion": s} for s in scores]
+    history = [{"stage": "train", "epoch": e + 1, "train_loss": 1.0, "dice_liver": s, "dice_lesion": s}
+               for e, s in enumerate(scores)]
     smoothed = smoothed_scores(history, "train")
     assert len(smoothed) == len(scores) and smoothed[0] == pytest.approx(0.30)
     assert smoothed[1] == pytest.approx(0.9 * 0.30 + 0.1 * 0.60)
     assert int(np.argmax(smoothed)) == len(scores) - 1
-    assert stage_best_score(history, "train") == pytest.approx(smoothed[-1])
+    assert stage_best_score(history, "train", epochs=len(scores)) == pytest.approx(smoothed[-1])
+
+
+def test_a_fine_tune_does_not_keep_its_starting_weights_as_best():
+    """A fine-tune starts at its starting model's score, dips while the learning rate is high and recovers to just
+    below it: its best is an epoch of the annealing half, not epoch 1 (which the moving average alone would pick)."""
+    scores = [0.80, 0.70, 0.72, 0.74, 0.76, 0.78, 0.79, 0.80]
+    history = [{"stage": "train", "epoch": e + 1, "train_loss": 1.0, "dice_liver": s, "dice_lesion": s}
+               for e, s in enumerate(scores)]
+    smoothed = smoothed_scores(history, "train")
+    assert int(np.argmax(smoothed)) == 0
+    assert [competes_for_best(e, 8) for e in range(1, 9)] == [False] * 4 + [True] * 4
+    assert stage_best_score(history, "train", epochs=8) == pytest.approx(max(smoothed[4:]))
+    assert stage_best_score(history[:4], "train", epochs=8) == -float("inf")
+    assert competes_for_best(1, 1) and not competes_for_best(1, 2) and competes_for_best(2, 2)
 
 
 def test_batches_produced_ahead_are_the_plain_loops_and_no_more():

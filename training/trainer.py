@@ -399,6 +399,18 @@ def smoothed_scores(history: list[dict[str, Any]], stage: str) -> list[float]:
     return smoothed
 
 
+def competes_for_best(epoch: int, epochs: int) -> bool:
+    """Whether epoch ``epoch`` (1-based) of a stage of ``epochs`` may become its best checkpoint: only the second
+    half of the schedule, where the one-cycle learning rate anneals.
+
+    The moving average starts at the first epoch's score. In a fine-tune (``--init-from``) that is the starting
+    model's score, and the schedule's high learning rate then unsettles the weights for a while, so the average
+    rarely climbs back above its start: two 60-epoch fine-tunes of the bundled model kept epoch 1 (the starting
+    weights plus one epoch) as best.pt. A run from scratch is still far from its best in its first half.
+    """
+    return epoch > epochs // 2
+
+
 def best_stage_path(out: Path, stage: str) -> Path:
     """Where the best epoch of a stage that is not the last is kept, so the stage ends with it (a teacher
     annotates with its best weights, not its last) even across a resume."""
@@ -539,7 +551,9 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                 # Only the exported network's stage competes for best.pt: a teacher's Dice with boxes is no
                 # measure of the student. An earlier stage keeps its own best in best_<stage>.pt.
                 last_stage = stage_index == len(recipe.STAGES) - 1
-                score = smoothed_scores(state["history"], stage)[-1]
+                # An epoch outside the annealing half does not compete: its score counts as -inf.
+                score = (smoothed_scores(state["history"], stage)[-1] if competes_for_best(epoch + 1, epochs)
+                         else -float("inf"))
                 state["epoch"] = epoch + 1
                 payload = {
                     "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "recipe": recipe.NAME,
@@ -559,7 +573,7 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                 if last_stage and score > state["best_score"]:
                     state["best_score"] = score
                     save_checkpoint(out / "best.pt", payload)
-                if not last_stage and score > stage_best_score(state["history"][:-1], stage):
+                if not last_stage and score > stage_best_score(state["history"][:-1], stage, epochs):
                     save_checkpoint(best_stage_path(out, stage), payload)
             parallel.barrier()
 
@@ -574,9 +588,12 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
     return out / "best.pt"
 
 
-def stage_best_score(history: list[dict[str, Any]], stage: str) -> float:
-    """The best :func:`smoothed_scores` value logged so far in ``stage`` (-inf before its first epoch)."""
-    return max(smoothed_scores(history, stage), default=-float("inf"))
+def stage_best_score(history: list[dict[str, Any]], stage: str, epochs: int) -> float:
+    """The best :func:`smoothed_scores` value logged so far in ``stage`` (of ``epochs`` epochs) by an epoch that
+    :func:`competes_for_best` (-inf before the first)."""
+    rows = [row for row in history if row["stage"] == stage]
+    return max((score for row, score in zip(rows, smoothed_scores(history, stage))
+                if competes_for_best(row["epoch"], epochs)), default=-float("inf"))
 
 
 def gather_rng_states(rng: np.random.Generator, parallel: Distributed) -> list[dict]:
