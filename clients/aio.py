@@ -145,10 +145,13 @@ class AsyncSegmentationClient:
             scan = await asyncio.to_thread(as_scan, scan)
         contract = await self.contract()
         spacings = run_spacings(contract, self.single_scale)
+        asks = probabilities or len(spacings) > 1  # several spacings are averaged from their probabilities
         answers = []
         for spacing in spacings:  # as in SegmentationClient._segment_scan
             volume, restore = await asyncio.to_thread(prepare_volume, scan, contract, spacing)
-            answers.append((*await self._infer(volume, probabilities or len(spacings) > 1), restore))
+            # Through segment_volume, as the sync client does, so a long scan goes in slabs here too.
+            answer = await self.segment_volume(volume, want_probabilities=asks)
+            answers.append((*(answer if asks else (answer, None)), restore))
 
         def finish() -> Result:
             on_grid = answer_at_spacings(answers, contract.num_classes, probabilities, postprocess, ORGAN_LABEL,

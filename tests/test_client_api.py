@@ -162,6 +162,23 @@ def test_a_long_volume_goes_in_slabs_with_the_same_answer(real_triton):
     assert np.array_equal(labels, expected[0]) and np.array_equal(probabilities, expected[1])
 
 
+def test_the_asyncio_client_sends_a_long_scan_in_slabs(tmp_path, real_triton):
+    """``segment`` of the asyncio client cuts a scan longer than ``slab_slices`` as the sync client does (it used to
+    send any scan whole, so a long one was not bounded in server memory), with the same labels."""
+    write_scan(tmp_path / "scan.nii.gz", shape=(24, 20, 11))  # 11 slices along z
+    with SegmentationClient(real_triton) as client:
+        expected = client.segment(tmp_path / "scan.nii.gz")
+    requests = segment_requests(real_triton)
+
+    async def main():
+        async with AsyncSegmentationClient(real_triton, slab_slices=4) as client:
+            return await client.segment(tmp_path / "scan.nii.gz")
+
+    result = asyncio.run(main())
+    assert np.array_equal(result.labels, expected.labels) and result.stats == expected.stats
+    assert segment_requests(real_triton) == requests + 3  # 11 slices: 4 + 4 + 3
+
+
 def test_slab_plan_keeps_every_slice_once_with_its_halo():
     from mixsup.clients.slabs import slab_plan
 
