@@ -21,6 +21,11 @@ four Dice on the 8 of seeds 7000/7100 that chose it (``results/false_liver_anti_
 others (``--seeds 7400 7500``, ``results/false_liver_32_cases.json``). A model chosen on one set is also favoured on
 that set by the choice itself: compare a new candidate with it on fresh ``--seeds``.
 
+How sure a difference is: every network after the first is compared with the first case by case
+(``paired_against_FIRST``): its Dice minus the first's, per style and class and for the sum of the four, with a
+95% interval from resampling the cases (the same resample for both networks, so what they share cancels). A
+difference whose interval holds 0 is one these cases cannot tell from none.
+
 Usage: python benchmarks/false_liver.py [NAME=]NETWORK_DIR ... [--cases 32] [--seeds 7000 7100] [--out FILE.json]
 """
 from __future__ import annotations
@@ -47,6 +52,10 @@ from mixsup.readers import read_scan  # noqa: E402
 SEEDS = {"classic": 7000, "randomized": 7100}
 #: Edges (mm) of the z-distance bins of false liver on liver-free slices.
 Z_BINS_MM = (0, 5, 10, 20, 30, 50)
+#: Per-case counts kept for the paired comparison, in this order.
+PAIRED_COUNTS = ("tp", "fp", "fn", "lesion_tp", "lesion_fp", "lesion_fn")
+#: Resamples of the cases behind each interval.
+BOOTSTRAP_DRAWS = 2000
 
 
 def liver_errors(predicted: np.ndarray, truth: np.ndarray, slice_mm: float) -> dict[str, np.ndarray | int]:
@@ -66,8 +75,48 @@ def liver_errors(predicted: np.ndarray, truth: np.ndarray, slice_mm: float) -> d
             "lesion_fn": int((lesion_t & ~lesion_p).sum()), "lesion_fn_background": int((lesion_t & ~p).sum())}
 
 
+def global_dice(counts: np.ndarray) -> np.ndarray:
+    """Global liver and lesion Dice ``[..., 2]`` of per-case :data:`PAIRED_COUNTS` ``[..., cases, 6]`` (summed over
+    the cases axis; 1.0 where a class is in neither, as :func:`mixsup.metrics.dice_from_counts`)."""
+    total = counts.sum(axis=-2).astype(np.float64)
+    dice = []
+    for first in (0, 3):
+        tp, fp, fn = total[..., first], total[..., first + 1], total[..., first + 2]
+        denominator = 2 * tp + fp + fn
+        dice.append(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0))
+    return np.stack(dice, axis=-1)
+
+
+def paired_difference(baseline: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                      draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> dict:
+    """``candidate`` minus ``baseline`` (per style: per-case counts ``[cases, 6]`` of the same cases), per style and
+    class and for the sum of the four Dice: the difference on these cases and its 95% percentile bootstrap
+    interval, the cases of each style resampled with replacement, the same draw for both networks."""
+    rng = np.random.default_rng(seed)
+    result: dict = {}
+    observed_sum, resampled_sum = 0.0, np.zeros(draws)
+    for style in baseline:
+        a, b = np.asarray(baseline[style]), np.asarray(candidate[style])
+        drawn = rng.integers(0, len(a), (draws, len(a)))
+        resampled = global_dice(b[drawn]) - global_dice(a[drawn])
+        observed = global_dice(b) - global_dice(a)
+        for index, name in enumerate(("liver", "lesion")):
+            result[f"{style}_{name}"] = difference_summary(observed[index], resampled[:, index])
+        observed_sum += float(observed.sum())
+        resampled_sum += resampled.sum(axis=1)
+    result["sum_of_four"] = difference_summary(observed_sum, resampled_sum)
+    return result
+
+
+def difference_summary(observed: float, resampled: np.ndarray) -> dict:
+    return {"difference": round(float(observed), 4),
+            "interval_95": [round(float(np.percentile(resampled, 2.5)), 4),
+                            round(float(np.percentile(resampled, 97.5)), 4)]}
+
+
 def score(network: Path, cases: list[tuple[Path, Path]], device: str) -> dict:
     total: dict = {}
+    per_case = []
     for volume_path, label_path in cases:
         labels_scan = read_scan(label_path)
         truth, spacing = labels_scan.canonical()
@@ -80,6 +129,7 @@ def score(network: Path, cases: list[tuple[Path, Path]], device: str) -> dict:
         counts.update({f"lesion_{key}": lesions[key] for key in ("lesions", "detected", "voxels", "covered")})
         for key, value in counts.items():
             total[key] = total.get(key, 0) + value
+        per_case.append([counts[key] for key in PAIRED_COUNTS])
     tp, fp, fn, free = total["tp"], total["fp"], total["fn"], total["fp_liver_free_slices"]
     lesion = dice_from_counts(total["lesion_tp"], total["lesion_fp"], total["lesion_fn"])
     edges = [*Z_BINS_MM, None]
@@ -92,7 +142,8 @@ def score(network: Path, cases: list[tuple[Path, Path]], device: str) -> dict:
             "lesions_by_size": {name: {"lesions": int(n), "found": int(found), "voxels_covered": round(float(c / v), 3)}
                                 for name, n, found, c, v in zip(bin_names(), total["lesion_lesions"],
                                                                 total["lesion_detected"], total["lesion_covered"],
-                                                                np.maximum(total["lesion_voxels"], 1))}}
+                                                                np.maximum(total["lesion_voxels"], 1))},
+            "per_case_counts": per_case}
 
 
 def main() -> None:
@@ -111,9 +162,15 @@ def main() -> None:
     results: dict = {"cases_per_style": args.cases, "seeds": seeds, "shape": list(shape)}
     with tempfile.TemporaryDirectory() as tmp:
         sets = {style: own_phantoms(Path(tmp) / style, args.cases, seed, shape, style) for style, seed in seeds.items()}
+        names = []
         for named in args.networks:
             name, _, path = named.rpartition("=")
-            results[name or path] = {style: score(Path(path), cases, args.device) for style, cases in sets.items()}
+            names.append(name or path)
+            results[names[-1]] = {style: score(Path(path), cases, args.device) for style, cases in sets.items()}
+    first = names[0]
+    counts = {name: {style: np.array(results[name][style]["per_case_counts"]) for style in sets} for name in names}
+    for name in names[1:]:
+        results[name][f"paired_against_{first}"] = paired_difference(counts[first], counts[name])
     print_and_write(results, args.out)
 
 

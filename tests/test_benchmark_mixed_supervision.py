@@ -164,3 +164,26 @@ def test_lesion_breakdown_counts_found_covered_and_false_lesion(benchmark_module
     organ[3, 0, 9] = True
     assert breakdown.lesion_outcomes(predicted, instances, organ, voxel_ml=0.1)["false_outside_ml"] == 0.0
     assert breakdown.bin_names() == ["0-0.5 mL", "0.5-2 mL", "2-8 mL", ">8 mL"]
+
+
+def test_paired_difference_of_two_networks_on_the_same_cases(benchmark_module):
+    """The paired comparison's difference is the global Dice difference, its interval holds it, is narrow when the
+    candidate gains on every case alike and straddles 0 when the gain is one case's luck."""
+    false_liver = benchmark_module("false_liver")
+    rng = np.random.default_rng(0)
+    baseline = rng.integers(50, 150, size=(32, 6))           # tp, fp, fn, lesion tp, fp, fn per case
+    steady = baseline.copy()
+    steady[:, 0] += 10                                        # 10 more true liver voxels on every case
+    steady[:, 2] -= 10
+    lucky = baseline.copy()
+    lucky[0, 3] += 3000                                       # one case's lesion found much better
+    base = {"classic": baseline, "randomized": baseline}
+    result = false_liver.paired_difference(base, {"classic": steady, "randomized": baseline}, draws=500)
+    expected = false_liver.global_dice(steady)[0] - false_liver.global_dice(baseline)[0]
+    gain = result["classic_liver"]
+    assert gain["difference"] == pytest.approx(expected, abs=1e-4) and gain["difference"] > 0
+    assert 0 < gain["interval_95"][0] <= gain["difference"] <= gain["interval_95"][1]
+    assert result["randomized_lesion"] == {"difference": 0.0, "interval_95": [0.0, 0.0]}
+    assert result["sum_of_four"]["difference"] == pytest.approx(expected, abs=2e-4)
+    luck = false_liver.paired_difference(base, {"classic": lucky, "randomized": baseline}, draws=500)
+    assert luck["classic_lesion"]["difference"] > 0 and luck["classic_lesion"]["interval_95"][0] <= 0.0
