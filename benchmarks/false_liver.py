@@ -109,6 +109,7 @@ def paired_difference(baseline: dict[str, np.ndarray], candidate: dict[str, np.n
 
 
 def difference_summary(observed: float, resampled: np.ndarray) -> dict:
+    """A difference as the JSON reports it: its value and the 2.5 and 97.5 percentiles of its resamples."""
     return {"difference": round(float(observed), 4),
             "interval_95": [round(float(np.percentile(resampled, 2.5)), 4),
                             round(float(np.percentile(resampled, 97.5)), 4)]}
