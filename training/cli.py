@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="JSON or TOML file of config keys (flags and --set win)")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint (usually OUT/last.pt)")
     parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
-                        help="start from this run's weights (fine-tuning: new optimizer and schedule, epoch 0)")
+                        help="start from this run's weights (fine-tuning: new optimizer and schedule, epoch 0); "
+                             "for a unet run also an ONNX export, e.g. the bundled model_repository/unet")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set epochs=40 --set spacing_mm=[2,2]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines still print)")

@@ -38,6 +38,7 @@ from mixsup.training.data.dataset import (
 )
 from mixsup.training.data.lesion_synthesis import LesionSynthesis
 from mixsup.training.data.manifest import Manifest, find_mask, load_case
+from mixsup.training.onnx_weights import exported_onnx_path, load_exported_weights
 from mixsup.training.precision import autocast, prepare_modules, resolve_precision
 from mixsup.training.recipes.base import STRONG, Recipe
 
@@ -286,9 +287,22 @@ def check_resumable(payload: dict, path: Path, recipe_name: str, manifest: Manif
                          f"--set anti_aliasing={str(before).lower()}")
 
 
-def load_initial_weights(modules: nn.ModuleDict, path: Path, recipe_name: str) -> None:
+def load_initial_weights(modules: nn.ModuleDict, path: Path, recipe_name: str,
+                         calibration: Callable[[], torch.Tensor]) -> None:
     """Load a checkpoint's weights into a new run's ``modules``: same recipe, same network shapes, or a one-line
-    refusal (a partial load would silently train half a network from scratch)."""
+    refusal (a partial load would silently train half a network from scratch).
+
+    ``path`` may also be an ONNX export (a file, or a Triton model folder such as ``model_repository/unet``) of
+    a ``unet`` run's network: its BatchNorm statistics are measured on ``calibration()``'s slices
+    (:mod:`mixsup.training.onnx_weights`). Other recipes train modules that an export leaves out.
+    """
+    onnx_path = exported_onnx_path(path)
+    if onnx_path is not None:
+        if recipe_name != "unet":
+            raise InputError(f"{path}: an exported network can initialise a 'unet' run only; a {recipe_name!r} "
+                             "run trains modules the export left out")
+        load_exported_weights(modules["segmentation"], onnx_path, calibration())
+        return
     payload = load_checkpoint(path)
     if payload.get("recipe") != recipe_name:
         raise InputError(f"{path}: weights of recipe {payload.get('recipe')!r} cannot initialise a {recipe_name!r} run")
@@ -300,6 +314,17 @@ def load_initial_weights(modules: nn.ModuleDict, path: Path, recipe_name: str) -
         raise InputError(f"{path}: its network differs from this run's ({len(mismatched)} tensors, e.g. "
                          f"{mismatched[0]!r}); use the same base_channels, depth and recipe options")
     modules.load_state_dict(theirs)
+
+
+#: How many training crops measure an exported network's BatchNorm statistics (``--init-from`` an ONNX model).
+CALIBRATION_CROPS = 32
+
+
+def calibration_slices(volumes: Sequence[Volume], config: TrainConfig) -> torch.Tensor:
+    """Crops drawn as training draws them, from a generator of their own: the run's random stream is untouched."""
+    sampler = SliceSampler(volumes, crop=config.crop, context_slices=config.context_slices,
+                           foreground_fraction=config.foreground_fraction)
+    return sampler.batch(np.random.default_rng(config.seed), CALIBRATION_CROPS).images
 
 
 def network_from_checkpoint(payload: dict) -> nn.Module:
@@ -481,7 +506,8 @@ def train(recipe: Recipe, manifest: Manifest, out: Path, config: TrainConfig, re
                              recipe=recipe.NAME)
     state = {"stage": 0, "epoch": 0, "best_score": -float("inf"), "history": []}
     if init_from is not None:
-        load_initial_weights(modules, init_from, recipe.NAME)
+        load_initial_weights(modules, init_from, recipe.NAME, lambda: calibration_slices(volumes_by_kind[STRONG],
+                                                                                          config))
     if resumed is not None:
         modules.load_state_dict(resumed["state_dict"])
         rng.bit_generator.state = resumed["numpy_rng"][parallel.rank % len(resumed["numpy_rng"])]
