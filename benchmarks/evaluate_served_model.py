@@ -37,6 +37,7 @@ from independent_phantoms import make_case as make_independent_case  # noqa: E40
 from measure import print_and_write  # noqa: E402
 from triton_utils import start_serve, stop_serve  # noqa: E402
 
+from mixsup.contract import ModelContract  # noqa: E402
 from mixsup.metrics import GlobalDice, dice  # noqa: E402
 from mixsup.readers import read_scan  # noqa: E402
 from mixsup.scan import Scan, read_nifti, write_nifti  # noqa: E402
@@ -90,20 +91,19 @@ def segment_in_process(scan_path: Path, out: Path, network_dir: Path, max_slice:
 def network_session(network_dir: Path, device: str = "cpu"):
     """The network's contract and a session of it on ``device`` (``mixsup.serving.runtime``; default ONNX
     Runtime's float32 on CPU), cached: a session costs a second to build."""
-    from mixsup.contract import ModelContract
     from mixsup.serving.runtime import create_session
 
     return (ModelContract.load(network_dir / "1" / "contract.json"),
             create_session(network_dir / "1" / "model.onnx", device=device))
 
 
-def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MAX_SLICE,
-                      postprocess: bool = True, device: str = "cpu", body_window: bool = True) -> np.ndarray:
-    """What ``mixsup-client segment`` writes for ``scan``, computed here: pre-processing to the model grid (to
-    each of the contract's test spacings, if it has several), whole slices up to ``max_slice`` (0: tiles, 25%
-    overlap, Gaussian) of the window around the body (every pixel with ``body_window`` false), the network on
-    ``device``, labels restored (from the mean of the spacings' probabilities), post-processed."""
-    from mixsup.clients.pipeline import answer_at_spacings, prepare_volume, run_spacings
+def spacing_answers(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MAX_SLICE, device: str = "cpu",
+                    body_window: bool = True) -> tuple[ModelContract, list]:
+    """The network's contract and its answers for ``scan``, a ``(labels, probabilities, restore)`` per spacing of
+    the contract (:func:`mixsup.clients.pipeline.answer_at_spacings` takes them): pre-processing to the model grid,
+    whole slices up to ``max_slice`` (0: tiles, 25% overlap, Gaussian) of the window around the body (every pixel
+    with ``body_window`` false), the network on ``device``, labels decided as the served step decides them."""
+    from mixsup.clients.pipeline import prepare_volume, run_spacings
     from mixsup.serving.fuse import fuse_probabilities
     from mixsup.serving.tiling import BODY_MARGIN, predict_volume_probabilities
 
@@ -116,8 +116,19 @@ def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MA
             overlap=0.25, batch_size=8, num_classes=contract.num_classes, context_slices=contract.context_slices,
             max_slice=max_slice, size_divisor=contract.size_divisor,
             body_margin=BODY_MARGIN if body_window else None)
-        answers.append((*fuse_probabilities([probabilities], [1.0]), restore))
-    return answer_at_spacings(answers, contract.num_classes, False, postprocess)[0]
+        answers.append((*fuse_probabilities([probabilities], [1.0], contract.lesion_threshold), restore))
+    return contract, answers
+
+
+def labels_in_process(scan: Scan, network_dir: Path, max_slice: int = DEFAULT_MAX_SLICE,
+                      postprocess: bool = True, device: str = "cpu", body_window: bool = True) -> np.ndarray:
+    """What ``mixsup-client segment`` writes for ``scan``, computed here: :func:`spacing_answers`, labels restored
+    (from the mean of the spacings' probabilities, if the contract has several), post-processed."""
+    from mixsup.clients.pipeline import answer_at_spacings
+
+    contract, answers = spacing_answers(scan, network_dir, max_slice, device, body_window)
+    return answer_at_spacings(answers, contract.num_classes, False, postprocess,
+                              lesion_threshold=contract.lesion_threshold)[0]
 
 
 def own_phantoms(folder: Path, count: int, seed: int, shape: tuple[int, int, int],

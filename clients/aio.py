@@ -155,7 +155,7 @@ class AsyncSegmentationClient:
 
         def finish() -> Result:
             on_grid = answer_at_spacings(answers, contract.num_classes, probabilities, postprocess, ORGAN_LABEL,
-                                         LESION_LABEL)
+                                         LESION_LABEL, contract.lesion_threshold)
             return Result.build(scan, *on_grid, model=self.model, postprocessed=postprocess, started=started)
 
         return await asyncio.to_thread(finish)

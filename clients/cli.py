@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument(
         "--series", metavar="UID", help="SeriesInstanceUID to segment when the DICOM input holds several series"
     )
-    segment.add_argument("--no-postprocess", action="store_true", help="write the server's raw argmax labels")
+    segment.add_argument("--no-postprocess", action="store_true",
+                         help="write the raw labels (the argmax, or the contract's lesion threshold)")
     segment.add_argument(
         "--probabilities", metavar="OUT_PROB",
         help="also write the class probabilities, 16-bit: .nii/.nii.gz (int16 scaled by 1/32767, [X,Y,Z,C]) or "
@@ -373,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--overwrite", action="store_true", help="redo scans that summary.csv already lists as ok (default: skip)"
     )
-    batch.add_argument("--no-postprocess", action="store_true", help="write the server's raw argmax labels")
+    batch.add_argument("--no-postprocess", action="store_true",
+                       help="write the raw labels (the argmax, or the contract's lesion threshold)")
     batch.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz (16-bit)")
     batch.add_argument("--preview", action="store_true", help="also write <case>_preview.png")
     batch.add_argument("--stats", action="store_true", help="also write <case>_stats.json")

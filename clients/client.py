@@ -276,4 +276,4 @@ class SegmentationClient:
             answer = self.segment_volume(volume, want_probabilities=asks)
             answers.append((*(answer if asks else (answer, None)), restore))
         return answer_at_spacings(answers, contract.num_classes, want_probabilities, postprocess, ORGAN_LABEL,
-                                  LESION_LABEL)
+                                  LESION_LABEL, contract.lesion_threshold)

@@ -14,6 +14,7 @@ import numpy as np
 
 from mixsup.contract import ModelContract
 from mixsup.errors import MixsupError
+from mixsup.labels import decide_labels
 from mixsup.postprocess import bounding_box, postprocess_labels
 from mixsup.resample import inplane_shape, output_window, resample_inplane, resample_inplane_window
 from mixsup.scan import Scan, to_int16_hu
@@ -134,8 +135,10 @@ def restore_mean_probabilities(answers: Sequence[tuple[np.ndarray, Restore]]) ->
     return restore.to_stored(canonical)
 
 
-def mean_labels_canonical(answers: Sequence[tuple[np.ndarray, Restore]]) -> np.ndarray:
-    """``uint8`` labels on the canonical grid at the scan's spacing: the argmax of the mean of probability maps
+def mean_labels_canonical(answers: Sequence[tuple[np.ndarray, Restore]],
+                          lesion_threshold: float | None = None) -> np.ndarray:
+    """``uint8`` labels on the canonical grid at the scan's spacing: the labels (argmax, or with the contract's
+    ``lesion_threshold``, :func:`mixsup.labels.decide_labels`) of the mean of probability maps
     ``[C, D, h, w]``, each on its own model grid (``(probabilities, restore)`` pairs of one scan, the client's
     multi-scale test-time augmentation), each interpolated linearly onto the scan's grid before the mean.
 
@@ -162,7 +165,9 @@ def mean_labels_canonical(answers: Sequence[tuple[np.ndarray, Restore]]) -> np.n
         total = sum(resample_inplane_window(probabilities[:, index].astype(np.float32), out_hw, out_rows,
                                             out_columns, order=1)
                     for probabilities, _ in checked)
-        canonical[index, out_rows, out_columns] = np.argmax(total, axis=0)
+        # total is the sum of the maps: its argmax is their mean's, and p(lesion) > t reads total > t * count
+        canonical[index, out_rows, out_columns] = decide_labels(
+            total, None if lesion_threshold is None else lesion_threshold * len(checked))
     return canonical
 
 
@@ -200,11 +205,12 @@ def mean_answer_on_scan_grid(
     postprocess: bool = True,
     organ_label: int = 1,
     lesion_label: int = 2,
+    lesion_threshold: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`answer_on_scan_grid` of the server's probabilities for one scan at several spacings
     (``(probabilities, restore)`` pairs): labels from their mean on the scan's grid (:func:`mean_labels_canonical`),
     and that mean itself, float32 ``[C, i, j, k]``, with ``want_probabilities``."""
-    labels = mean_labels_canonical(answers)
+    labels = mean_labels_canonical(answers, lesion_threshold)
     probabilities = restore_mean_probabilities(answers) if want_probabilities else None
     return _finished_labels(labels, answers[0][1], postprocess, organ_label, lesion_label), probabilities
 
@@ -222,16 +228,18 @@ def answer_at_spacings(
     postprocess: bool = True,
     organ_label: int = 1,
     lesion_label: int = 2,
+    lesion_threshold: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The server's answers for one scan, a ``(labels, probabilities, restore)`` per spacing of
-    :func:`run_spacings`, on the scan's grid: one spacing's labels restored (:func:`answer_on_scan_grid`), several
-    spacings' labels from the mean of their probabilities (:func:`mean_answer_on_scan_grid`)."""
+    :func:`run_spacings`, on the scan's grid: one spacing's labels restored (:func:`answer_on_scan_grid`; the
+    server decided them with the contract's ``lesion_threshold``), several spacings' labels from the mean of their
+    probabilities (:func:`mean_answer_on_scan_grid`, deciding with ``lesion_threshold``, the contract's)."""
     if len(answers) == 1:
         labels, probabilities, restore = answers[0]
         return answer_on_scan_grid(labels, probabilities, restore, num_classes, postprocess, organ_label,
                                    lesion_label)
     return mean_answer_on_scan_grid([(probabilities, restore) for _, probabilities, restore in answers],
-                                    want_probabilities, postprocess, organ_label, lesion_label)
+                                    want_probabilities, postprocess, organ_label, lesion_label, lesion_threshold)
 
 
 def _finished_labels(canonical: np.ndarray, restore: Restore, postprocess: bool, organ_label: int,

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the scan's grid (multi-scale test-time augmentation; each costs one more run), e.g. "
                              "1.3 1.6 2.0; default: those of the --member ensemble's members, else the training "
                              "spacing alone")
+    parser.add_argument("--lesion-threshold", type=float, metavar="P",
+                        help="label lesion wherever p(lesion) exceeds P inside the argmax's liver-or-lesion region "
+                             "(choose P on a selection set, never an evaluation set); default: the argmax")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--instances", type=int, default=1,
                         help="Triton instances of the network model (and of its window step, which runs a "
@@ -131,6 +134,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise InputError(f"--instances must be at least 1, got {args.instances}")
     if args.test_spacings is not None and not all(0 < mm < float("inf") for mm in args.test_spacings):
         raise InputError(f"--test-spacings must be positive millimetres, got {args.test_spacings}")
+    if args.lesion_threshold is not None and not 0 < args.lesion_threshold < 1:
+        raise InputError(f"--lesion-threshold must be a probability between 0 and 1, got {args.lesion_threshold}")
     if args.weight is not None and args.member is None:
         raise InputError("--weight is the weight of a --member; name the ensemble with --member")
     if args.member is not None and args.no_ensemble:
@@ -145,7 +150,8 @@ def check_options(args: argparse.Namespace) -> None:
             ("--format", args.format != "onnx"), ("--backend", args.backend is not None),
             ("--precision", args.precision != "fp32"), ("--member", args.member is not None),
             ("--keep-detection", args.keep_detection), ("--keep-confidence", args.keep_confidence),
-            ("--test-spacings", args.test_spacings is not None)] if given]
+            ("--test-spacings", args.test_spacings is not None),
+            ("--lesion-threshold", args.lesion_threshold is not None)] if given]
         if clashing:
             raise InputError(f"--teacher writes an fp32 ONNX annotator for the python backend outside every "
                              f"ensemble; drop {clashing[0]}")
@@ -175,6 +181,7 @@ def export_contract(args: argparse.Namespace, payload: dict, divisor: int) -> Mo
         patch_size=(patch, patch), opset=None if args.format == "torchscript" else args.opset,
         precision=args.precision, checkpoint=f"{args.checkpoint.name} sha256:{sha256_of(args.checkpoint)[:16]}",
         size_divisor=divisor, test_spacings_mm=tuple(args.test_spacings or ()),
+        lesion_threshold=args.lesion_threshold,
     )
 
 

@@ -30,13 +30,16 @@ CONTRACT_FILENAME = "contract.json"
 #: output of an ensemble step whatever the client asked for, so the steps that can end the ensemble (a lone window,
 #: a fuse step) go by this parameter and copy out no probabilities that would be dropped.
 PROBABILITIES_PARAMETER = "probabilities"
+#: The window and fuse steps' config parameter carrying the contract's ``lesion_threshold`` (absent: argmax).
+LESION_THRESHOLD_PARAMETER = "LESION_THRESHOLD"
 FORMAT_VERSION = 1
 
 SEGMENTATION, DETECTION, CONFIDENCE, ANNOTATOR = "segmentation", "detection", "confidence", "annotator"
 KINDS = (SEGMENTATION, DETECTION, CONFIDENCE, ANNOTATOR)
 #: Fields added after format 1 was in use. They are written only when they differ from their defaults, so the
 #: contract of a plain segmentation network stays what every reader of format 1 (an older client) accepts.
-LATER_FIELDS = ("kind", "extra_inputs", "extra_outputs", "size_divisor", "test_spacings_mm", "anti_aliasing")
+LATER_FIELDS = ("kind", "extra_inputs", "extra_outputs", "size_divisor", "test_spacings_mm", "anti_aliasing",
+                "lesion_threshold")
 #: numpy dtype names a tensor of the contract may have.
 TENSOR_DTYPES = ("float32", "float16", "int64", "int32", "int16", "uint8")
 
@@ -109,6 +112,10 @@ class ModelContract:
     #: (:func:`mixsup.resample.resample_inplane`'s ``anti_aliasing``), so its consumers must prepare them so too.
     #: False for contracts from before the field (they trained on plain linear resampling).
     anti_aliasing: bool = False
+    #: How labels are decided from the probabilities ``[background, organ, lesion]``: None, their argmax; a number,
+    #: lesion wherever p(lesion) exceeds it inside the region the argmax gives organ or lesion (that region, and
+    #: so the organ's outline, is the argmax's). Chosen per network on a selection set (MODEL_CARD.md).
+    lesion_threshold: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -182,6 +189,12 @@ class ModelContract:
         if not all(isinstance(s, (int, float)) and 0 < s < float("inf") for s in contract.test_spacings_mm):
             raise InputError(f"model contract: test_spacings_mm must be positive numbers, got "
                              f"{list(contract.test_spacings_mm)}")
+        if contract.lesion_threshold is not None and not (
+                isinstance(contract.lesion_threshold, (int, float)) and 0 < contract.lesion_threshold < 1
+                and contract.num_classes == 3):
+            raise InputError(f"model contract: lesion_threshold must be a number between 0 and 1 for three classes "
+                             f"(background, organ, lesion), got {contract.lesion_threshold!r} for "
+                             f"{contract.num_classes}")
         return contract
 
     @classmethod

@@ -53,6 +53,7 @@ from mixsup.contract import (
     CONFIDENCE,
     CONTRACT_FILENAME,
     DETECTION,
+    LESION_THRESHOLD_PARAMETER,
     SEGMENTATION,
     ModelContract,
     TensorSpec,
@@ -460,6 +461,7 @@ def write_network(
             # The window step runs a python-runtime network in its own process, sparing every batch two copies
             # through Triton (mixsup.serving.triton.window); a native runtime's network it calls over BLS.
             "NETWORK_IN_STEP": str(in_step).lower(),
+            **threshold_parameter(contract.lesion_threshold),
         },
     ))
     return network_dir
@@ -551,12 +553,12 @@ def write_ensemble(
 
     fuser = fuse_name(name)
     if len(members) == 1:
-        # The window step argmaxes its own probabilities: a fuse step would only copy them.
+        # The window step decides its own labels: a fuse step would only copy them.
         shutil.rmtree(repository / fuser, ignore_errors=True)
         steps = [ensemble_step(window_name(names[0]), {VOLUME_INPUT: VOLUME_INPUT},
                                {LABELS_OUTPUT: LABELS_OUTPUT, NETWORK_OUTPUT: NETWORK_OUTPUT})]
     else:
-        steps = write_fuse_step(repository, fuser, members, num_classes)
+        steps = write_fuse_step(repository, fuser, members, num_classes, contract.lesion_threshold)
     ensemble_dir = repository / name
     # Triton needs the ensemble's version folder to exist; a file in it keeps the folder when the repository
     # goes through git, which drops empty folders (a fresh clone then failed to load 'segment').
@@ -573,9 +575,15 @@ def write_ensemble(
     return ensemble_dir
 
 
+def threshold_parameter(lesion_threshold: float | None) -> dict[str, str]:
+    """A window or fuse step's parameter for a contract's ``lesion_threshold`` (none: the step argmaxes)."""
+    return {} if lesion_threshold is None else {LESION_THRESHOLD_PARAMETER: repr(float(lesion_threshold))}
+
+
 def write_fuse_step(repository: Path, fuser: str, members: Sequence[tuple[str, float]],
-                    num_classes: int) -> list[mc.ModelEnsembling.Step]:
-    """Write the fuse model ``fuser`` over ``members``; returns the ensemble's steps (every window, then it)."""
+                    num_classes: int, lesion_threshold: float | None = None) -> list[mc.ModelEnsembling.Step]:
+    """Write the fuse model ``fuser`` over ``members``; returns the ensemble's steps (every window, then it). The
+    fused labels are decided with ``lesion_threshold``: the ensemble's contract's, its first member's."""
     member_outputs = [f"probabilities_{index}" for index in range(len(members))]
     fuse_dir = repository / fuser
     (fuse_dir / VERSION).mkdir(parents=True, exist_ok=True)
@@ -586,7 +594,8 @@ def write_fuse_step(repository: Path, fuser: str, members: Sequence[tuple[str, f
         inputs=[(output, "TYPE_FP16", [-1, -1, -1, -1]) for output in member_outputs],
         outputs=[(LABELS_OUTPUT, "TYPE_UINT8", [-1, -1, -1]), (NETWORK_OUTPUT, "TYPE_FP16", [-1, -1, -1, -1])],
         instance_count=1,
-        parameters={"WEIGHTS": ",".join(repr(weight) for _, weight in members), "NUM_CLASSES": num_classes},
+        parameters={"WEIGHTS": ",".join(repr(weight) for _, weight in members), "NUM_CLASSES": num_classes,
+                    **threshold_parameter(lesion_threshold)},
     ))
     steps = [
         ensemble_step(window_name(member), {VOLUME_INPUT: VOLUME_INPUT}, {NETWORK_OUTPUT: output})

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from mixsup.serving.fuse import first_max_index, fuse_probabilities, normalized_weights
+from mixsup.labels import first_max_index
+from mixsup.serving.fuse import fuse_probabilities, normalized_weights
 
 
 def random_probs(shape, seed):

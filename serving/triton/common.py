@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mixsup.contract import PROBABILITIES_PARAMETER, ModelContract
+from mixsup.contract import LESION_THRESHOLD_PARAMETER, PROBABILITIES_PARAMETER, ModelContract
 from mixsup.errors import MixsupError
 
 if TYPE_CHECKING:
@@ -117,6 +117,12 @@ def parse_ints(text: str) -> tuple[int, ...]:
 
 def parse_floats(text: str) -> tuple[float, ...]:
     return tuple(float(part) for part in text.replace(" ", "").split(",") if part)
+
+
+def lesion_threshold(parameters: dict[str, str]) -> float | None:
+    """A step's lesion threshold (:func:`mixsup.labels.decide_labels`); None where its config has none."""
+    text = parameters.get(LESION_THRESHOLD_PARAMETER, "").strip()
+    return float(text) if text else None
 
 
 def parse_bool(text: str) -> bool:

@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from mixsup.serving.fuse import fuse_probabilities, normalized_weights
 from mixsup.serving.triton.common import (
     asks_for_probabilities,
+    lesion_threshold,
     model_parameters,
     one_line,
     parse_floats,
@@ -32,13 +33,14 @@ class TritonPythonModel:
         self.weights = parse_floats(required_parameter(parameters, "WEIGHTS"))
         normalized_weights(self.weights, len(self.weights))  # fail at load time, not on the first request
         self.inputs = [f"probabilities_{index}" for index in range(len(self.weights))]
+        self.lesion_threshold = lesion_threshold(parameters)
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
             try:
                 member_probs = [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs]
-                labels, probabilities = fuse_probabilities(member_probs, self.weights)
+                labels, probabilities = fuse_probabilities(member_probs, self.weights, self.lesion_threshold)
                 outputs = [pb_utils.Tensor(LABELS, labels)]
                 if asks_for_probabilities(request.parameters()):
                     outputs.append(pb_utils.Tensor(PROBABILITIES, probabilities))

@@ -3,9 +3,10 @@
 Input ``volume`` INT16 [D,H,W] (raw HU) -> the in-plane window around the body (air beyond it is background) ->
 batches of whole 2.5D slices of it (padded to SIZE_DIVISOR) when they fit MAX_SLICE, else Gaussian-blended tiles
 of ROI (:mod:`mixsup.serving.tiling`) -> sent to the network model -> outputs ``probabilities`` FP16 [C,D,H,W]
-and ``labels`` UINT8 [D,H,W] (their argmax).
+and ``labels`` UINT8 [D,H,W] (their argmax, or LESION_THRESHOLD's decision: :func:`mixsup.labels.decide_labels`).
 Parameters: NETWORK, ROI ("h,w"), OVERLAP, BATCH_SIZE (tiles per request; whole-slice requests carry as many
-pixels), SIGMA_SCALE, NUM_CLASSES, CONTEXT_SLICES, MAX_SLICE (0: always tile), SIZE_DIVISOR, NETWORK_IN_STEP.
+pixels), SIGMA_SCALE, NUM_CLASSES, CONTEXT_SLICES, MAX_SLICE (0: always tile), SIZE_DIVISOR, NETWORK_IN_STEP,
+LESION_THRESHOLD (optional).
 
 Where the network runs: with NETWORK_IN_STEP true and the network a python-backend ONNX model beside this step
 (:func:`~mixsup.serving.triton.common.network_beside`), this step opens the network's ``model.onnx`` itself, with
@@ -31,11 +32,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mixsup.contract import ModelContract
-from mixsup.serving.fuse import first_max_index
+from mixsup.labels import decide_labels
 from mixsup.serving.tiling import Accumulator, plan_volume_inference
 from mixsup.serving.triton.common import (
     NetworkRunner,
     asks_for_probabilities,
+    lesion_threshold,
     model_parameters,
     network_beside,
     one_line,
@@ -66,6 +68,7 @@ class TritonPythonModel:
         # Repositories written before whole-slice inference lack both: they keep tiling, as they were measured.
         self.max_slice = int(parameters.get("MAX_SLICE") or 0)
         self.size_divisor = int(parameters.get("SIZE_DIVISOR") or 1)
+        self.lesion_threshold = lesion_threshold(parameters)
         self.run_network = None
         if parse_bool(parameters.get("NETWORK_IN_STEP", "")):
             found = network_beside(Path(args["model_repository"]), self.network)
@@ -89,7 +92,7 @@ class TritonPythonModel:
                 requested = set(request.requested_output_names())
                 outputs = []
                 if LABELS in requested:
-                    outputs.append(pb_utils.Tensor(LABELS, first_max_index(probabilities)))
+                    outputs.append(pb_utils.Tensor(LABELS, decide_labels(probabilities, self.lesion_threshold)))
                 if sends_probabilities(requested, request.parameters()):
                     outputs.append(pb_utils.Tensor(OUTPUT, probabilities))
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
