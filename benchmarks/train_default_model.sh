@@ -36,4 +36,4 @@ mixsup-train unet --data "$work/manifest-640.json" --out "$work/run-640-again" \
 mixsup-train unet --data "$work/manifest-640.json" --out "$work/run-640-smoothed" \
     --init-from "$work/run-640-again/best.pt" "${more[@]}"
 mixsup-export "$work/run-640-smoothed/best.pt" --repository model_repository --name unet --replace \
-    --test-spacings 1.3 1.6 2.0
+    --test-spacings 1.3 1.6 2.0 --lesion-threshold 0.3  # chosen on selection phantoms (MODEL_CARD.md)
