@@ -47,6 +47,11 @@ def conv_batchnorm_pairs(network: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNo
     return pairs
 
 
+def parameter_device(network: nn.Module) -> torch.device:
+    """Where ``network``'s weights live (the calibration slices are drawn on the CPU)."""
+    return next(network.parameters()).device
+
+
 def read_initializers(onnx_path: Path) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
     """The graph's initializers as float32 tensors, and the (weight, bias) names of its convolutions whose weight
     is not a named network parameter (the folded ones), in graph order."""
@@ -91,7 +96,7 @@ def load_exported_weights(network: nn.Module, onnx_path: Path, calibration: torc
                  for index, (conv, _) in enumerate(pairs)]
         was_training = network.training
         try:
-            network.eval()(calibration)
+            network.eval()(calibration.to(parameter_device(network)))
         finally:
             for hook in hooks:
                 hook.remove()
