@@ -75,6 +75,11 @@ def liver_errors(predicted: np.ndarray, truth: np.ndarray, slice_mm: float) -> d
             "lesion_fn": int((lesion_t & ~lesion_p).sum()), "lesion_fn_background": int((lesion_t & ~p).sum())}
 
 
+def paired_counts(errors: dict) -> list[int]:
+    """The :data:`PAIRED_COUNTS` of one case's :func:`liver_errors`, as the paired comparison keeps them."""
+    return [int(errors[key]) for key in PAIRED_COUNTS]
+
+
 def global_dice(counts: np.ndarray) -> np.ndarray:
     """Global liver and lesion Dice ``[..., 2]`` of per-case :data:`PAIRED_COUNTS` ``[..., cases, 6]`` (summed over
     the cases axis; 1.0 where a class is in neither, as :func:`mixsup.metrics.dice_from_counts`)."""
@@ -130,7 +135,7 @@ def score(network: Path, cases: list[tuple[Path, Path]], device: str) -> dict:
         counts.update({f"lesion_{key}": lesions[key] for key in ("lesions", "detected", "voxels", "covered")})
         for key, value in counts.items():
             total[key] = total.get(key, 0) + value
-        per_case.append([counts[key] for key in PAIRED_COUNTS])
+        per_case.append(paired_counts(counts))
     tp, fp, fn, free = total["tp"], total["fp"], total["fn"], total["fp_liver_free_slices"]
     lesion = dice_from_counts(total["lesion_tp"], total["lesion_fp"], total["lesion_fn"])
     edges = [*Z_BINS_MM, None]

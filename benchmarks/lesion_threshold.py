@@ -30,7 +30,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from evaluate_served_model import own_phantoms, spacing_answers  # noqa: E402
-from false_liver import PAIRED_COUNTS, SEEDS, global_dice, paired_difference  # noqa: E402
+from false_liver import (  # noqa: E402
+    PAIRED_COUNTS,
+    SEEDS,
+    global_dice,
+    liver_errors,
+    paired_counts,
+    paired_difference,
+)
 from measure import print_and_write  # noqa: E402
 
 from mixsup.clients.pipeline import answer_at_spacings  # noqa: E402
@@ -41,28 +48,22 @@ from mixsup.readers import read_scan  # noqa: E402
 THRESHOLDS = (None, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15)
 
 
-def case_counts(predicted: np.ndarray, truth: np.ndarray) -> list[int]:
-    """:data:`false_liver.PAIRED_COUNTS` of one case: liver (liver ∪ lesion, as LiTS counts it), then lesion."""
-    counts = []
-    for p, t in ((predicted >= 1, truth >= 1), (predicted == 2, truth == 2)):
-        counts += [int((p & t).sum()), int((p & ~t).sum()), int((t & ~p).sum())]
-    return counts
-
-
 def sweep(network: Path, cases: list[tuple[Path, Path]]) -> np.ndarray:
     """Per-case counts ``[thresholds, cases, 6]`` of every decision in :data:`THRESHOLDS`."""
     counts = np.zeros((len(THRESHOLDS), len(cases), len(PAIRED_COUNTS)), dtype=np.int64)
     for index, (volume_path, label_path) in enumerate(cases):
         labels_scan = read_scan(label_path)
-        truth = labels_scan.canonical()[0]
+        truth, spacing = labels_scan.canonical()
         contract, answers = spacing_answers(read_scan(volume_path), network)
         for row, threshold in enumerate(THRESHOLDS):
-            # One spacing's labels are the server's (decided with the contract's threshold): decided anew here.
-            decided = [(decide_labels(probabilities, threshold), probabilities, restore)
-                       for _, probabilities, restore in answers]
+            # Several spacings are decided from their mean by answer_at_spacings; one spacing's labels are the
+            # server's (decided with the contract's threshold), so they are decided anew here.
+            decided = answers if len(answers) > 1 else [
+                (decide_labels(probabilities, threshold), probabilities, restore)
+                for _, probabilities, restore in answers]
             stored = answer_at_spacings(decided, contract.num_classes, False, lesion_threshold=threshold)[0]
             predicted = dataclasses.replace(labels_scan, voxels=stored).canonical()[0]
-            counts[row, index] = case_counts(predicted, truth)
+            counts[row, index] = paired_counts(liver_errors(predicted, truth, float(spacing[0])))
     return counts
 
 

@@ -6,10 +6,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 from test_client_cli import PIXEL_BIAS, PIXEL_WEIGHT, write_scan
+from test_repository import parameters, read_config
 from triton_utils import write_pixel_network
-from tritonclient.grpc import model_config_pb2
 
 from mixsup.clients.client import SegmentationClient
 from mixsup.clients.pipeline import mean_answer_on_scan_grid, prepare_volume
@@ -59,23 +58,18 @@ def test_contract_keeps_the_threshold_and_checks_it():
         ModelContract(class_names=("background", "liver"), lesion_threshold=0.3).replace()
 
 
-def step_parameters(path) -> dict[str, str]:
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    return {key: value.string_value for key, value in config.parameters.items()}
-
-
 def test_window_and_fuse_steps_carry_the_threshold(tmp_path):
     """The window step decides a lone member's labels, the fuse step an ensemble's: with the first member's."""
     onnx_path = write_pixel_network(tmp_path / "net.onnx", np.eye(3), np.zeros(3))
     repository = tmp_path / "repository"
     write_network(repository, "a", onnx_path, ModelContract(lesion_threshold=0.3))
     write_network(repository, "b", onnx_path, ModelContract())
-    assert step_parameters(repository / "a_window" / "config.pbtxt")[LESION_THRESHOLD_PARAMETER] == "0.3"
-    assert LESION_THRESHOLD_PARAMETER not in step_parameters(repository / "b_window" / "config.pbtxt")
+    assert parameters(read_config(repository / "a_window" / "config.pbtxt"))[LESION_THRESHOLD_PARAMETER] == "0.3"
+    assert LESION_THRESHOLD_PARAMETER not in parameters(read_config(repository / "b_window" / "config.pbtxt"))
     write_ensemble(repository, [("a", 1.0), ("b", 1.0)])
-    assert step_parameters(repository / "fuse" / "config.pbtxt")[LESION_THRESHOLD_PARAMETER] == "0.3"
+    assert parameters(read_config(repository / "fuse" / "config.pbtxt"))[LESION_THRESHOLD_PARAMETER] == "0.3"
     write_ensemble(repository, [("b", 1.0), ("a", 1.0)])
-    assert LESION_THRESHOLD_PARAMETER not in step_parameters(repository / "fuse" / "config.pbtxt")
+    assert LESION_THRESHOLD_PARAMETER not in parameters(read_config(repository / "fuse" / "config.pbtxt"))
 
 
 def test_export_writes_the_threshold_into_the_contract(tiny_checkpoint, tmp_path, capsys):
@@ -148,4 +142,6 @@ def test_threshold_sweep_moves_the_lesion_and_never_the_liver(benchmark_module, 
     served = evaluate.labels_in_process(read_scan(cases[0][0]), network)
     truth = read_scan(cases[0][1])
     predicted = dataclasses.replace(truth, voxels=served).canonical()[0]
-    assert counts[0, 0].tolist() == sweep.case_counts(predicted, truth.canonical()[0])
+    false_liver = benchmark_module("false_liver")
+    expected = false_liver.paired_counts(false_liver.liver_errors(predicted, truth.canonical()[0], 1.0))
+    assert counts[0, 0].tolist() == expected
